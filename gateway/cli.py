@@ -1,0 +1,271 @@
+"""The `flashclaim` command: run (the embedded default), serve, token, and the operator
+verbs under `campaign`, which talk to the admin API."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from gateway.embedded import EmbeddedRedis
+from gateway.identity import mint_token
+from gateway.serve import Supervisor, setup_logging
+from gateway.settings import Settings, load_settings
+
+DEFAULT_PORT = 8080
+
+
+@click.group()
+def main() -> None:
+    """flashclaim: a gateway for timed, limited-quantity coupon releases."""
+
+
+def _workers_default() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=DEFAULT_PORT, show_default=True)
+@click.option("--workers", default=_workers_default, show_default="cores, up to 4", type=int)
+def serve(host: str, port: int, workers: int) -> None:
+    """Serve the HTTP gateway with WORKERS processes sharing one port."""
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    missing = [n for n, v in [("FLASHCLAIM_REDIS_URL", settings.redis_url),
+                              ("FLASHCLAIM_ADMIN_TOKEN", settings.admin_token),
+                              ("FLASHCLAIM_SIGNING_SECRET", settings.signing_secret)] if not v]
+    if not (settings.identity_secret or settings.identity_public_keys):
+        missing.append("FLASHCLAIM_IDENTITY_SECRET or FLASHCLAIM_IDENTITY_PUBLIC_KEYS")
+    if missing:
+        raise click.UsageError("set " + ", ".join(missing))
+    Supervisor(settings, host, port, workers).run()
+
+
+def _embedded_config(settings: Settings, port: int) -> dict[str, str]:
+    """Secrets for the embedded default, generated once and kept in <var>/flashclaim.json."""
+    path = Path(settings.var_dir) / "flashclaim.json"
+    saved: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+    for var in ("FLASHCLAIM_ADMIN_TOKEN", "FLASHCLAIM_IDENTITY_SECRET",
+                "FLASHCLAIM_SIGNING_SECRET"):
+        saved.setdefault(var, secrets.token_urlsafe(24))
+    saved["FLASHCLAIM_URL"] = f"http://127.0.0.1:{port}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+    path.chmod(0o600)
+    return saved
+
+
+def demo_spec() -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    return {
+        "id": "demo", "name": "Spend 100, save 30", "stock": 3,
+        "starts_at": now.isoformat(), "ends_at": (now + dt.timedelta(days=7)).isoformat(),
+        "coupons": [{"kind": "threshold", "value": 3000, "threshold": 10000,
+                     "currency": "CNY", "valid_days": 30}],
+    }
+
+
+def _create_demo(base: str, admin_token: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=1):
+                break
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    status, body = admin_call(base, admin_token, "POST", "/v1/campaigns", demo_spec())
+    if status in (201, 409):
+        click.echo("demo campaign `demo` is ready (stock 3)" if status == 201
+                   else "demo campaign `demo` already exists")
+    else:
+        click.echo(f"could not create the demo campaign: {status} {body}", err=True)
+
+
+@main.command()
+@click.option("--port", default=DEFAULT_PORT, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--demo", is_flag=True, help="Create a demo campaign `demo` with stock 3.")
+def run(port: int, workers: int, demo: bool) -> None:
+    """Everything on one box: a private redis-server (AOF in ./var) unless
+    FLASHCLAIM_REDIS_URL is set, generated secrets, and the gateway."""
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    saved = _embedded_config(settings, port)
+    embedded = None
+    redis_url = os.environ.get("FLASHCLAIM_REDIS_URL")
+    if not redis_url:
+        embedded = EmbeddedRedis(Path(settings.var_dir))
+        embedded.start()
+        redis_url = embedded.url
+    settings = msgspec.structs.replace(
+        settings,
+        redis_url=redis_url,
+        admin_token=settings.admin_token or saved["FLASHCLAIM_ADMIN_TOKEN"],
+        identity_secret=settings.identity_secret or saved["FLASHCLAIM_IDENTITY_SECRET"],
+        signing_secret=settings.signing_secret or saved["FLASHCLAIM_SIGNING_SECRET"],
+    )
+    base = f"http://127.0.0.1:{port}"
+    click.echo(f"""
+flashclaim is running on {base} with {workers} workers
+  redis:           {redis_url}{"  (private, AOF appendfsync always)" if embedded else ""}
+  admin token:     {settings.admin_token}
+  identity secret: {settings.identity_secret}
+  (both kept in {Path(settings.var_dir) / "flashclaim.json"}; the CLI reads them from there)
+
+Mint an identity token and claim:
+  TOKEN=$(.venv/bin/flashclaim token --sub alice)
+  curl -s -X POST {base}/v1/campaigns/demo/claims -H "Authorization: Bearer $TOKEN"
+""")
+    if demo:
+        threading.Thread(
+            target=_create_demo, args=(base, settings.admin_token or ""), daemon=True
+        ).start()
+    try:
+        Supervisor(settings, "127.0.0.1", port, workers).run()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@main.command()
+@click.option("--sub", required=True, help="User id (1-128 characters).")
+@click.option("--dev", default=None, help="Device id.")
+@click.option("--phone", default=None, help="Phone number.")
+@click.option("--tags", default="", help="Comma-separated tags, e.g. verified,new_user.")
+@click.option("--region", default=None)
+@click.option("--ttl", default=3600, show_default=True, help="Seconds until `exp`.")
+def token(sub: str, dev: str | None, phone: str | None, tags: str, region: str | None,
+          ttl: int) -> None:
+    """Mint a development identity token (HS256, FLASHCLAIM_IDENTITY_SECRET)."""
+    settings = load_settings()
+    if not settings.identity_secret:
+        raise click.UsageError("FLASHCLAIM_IDENTITY_SECRET is not set (or run `flashclaim run`)")
+    tag_list = [t for t in tags.split(",") if t]
+    click.echo(mint_token(settings.identity_secret, sub, ttl_s=ttl, dev=dev, phone=phone,
+                          tags=tag_list, region=region))
+
+
+# ---- operator verbs, through the admin API -------------------------------------------------
+
+def admin_call(base: str, admin_token: str, method: str, path: str,
+               body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method, headers={
+        "Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw.decode(errors="replace")
+
+
+def _admin(method: str, path: str, body: Any = None) -> None:
+    settings = load_settings()
+    if not settings.admin_token:
+        raise click.UsageError("FLASHCLAIM_ADMIN_TOKEN is not set (or run `flashclaim run`)")
+    try:
+        status, doc = admin_call(settings.url, settings.admin_token, method, path, body)
+    except (urllib.error.URLError, OSError) as e:
+        raise click.ClickException(f"cannot reach {settings.url}: {e}") from None
+    click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    if status >= 400:
+        sys.exit(1)
+
+
+@main.group()
+def campaign() -> None:
+    """Create and steer campaigns (admin API at FLASHCLAIM_URL)."""
+
+
+@campaign.command("create")
+@click.option("--file", "spec_file", type=click.File(), help="A campaign spec as JSON.")
+@click.option("--id", "cid", default=None, help="Slug; generated when absent.")
+@click.option("--name", default=None)
+@click.option("--stock", type=int, default=None)
+@click.option("--starts-in", type=float, default=0, show_default=True, help="Seconds from now.")
+@click.option("--duration", type=float, default=3600, show_default=True, help="Seconds.")
+@click.option("--per-user", type=int, default=1, show_default=True)
+@click.option("--per-device", type=int, default=None)
+@click.option("--per-phone", type=int, default=None)
+@click.option("--per-ip", type=int, default=None)
+@click.option("--coupon", default="threshold:3000:10000", show_default=True,
+              help="KIND:VALUE[:THRESHOLD], money in minor units.")
+@click.option("--valid-days", type=int, default=30, show_default=True)
+@click.option("--currency", default="CNY", show_default=True)
+def campaign_create(spec_file: Any, cid: str | None, name: str | None, stock: int | None,
+                    starts_in: float, duration: float, per_user: int, per_device: int | None,
+                    per_phone: int | None, per_ip: int | None, coupon: str, valid_days: int,
+                    currency: str) -> None:
+    """Create a campaign from --file, or from the options."""
+    if spec_file is not None:
+        _admin("POST", "/v1/campaigns", json.load(spec_file))
+        return
+    if not name or stock is None:
+        raise click.UsageError("give --file, or at least --name and --stock")
+    kind, _, rest = coupon.partition(":")
+    value, _, threshold = rest.partition(":")
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=starts_in)
+    limits = {k: v for k, v in [("per_user", per_user), ("per_device", per_device),
+                                ("per_phone", per_phone), ("per_ip", per_ip)] if v is not None}
+    spec: dict[str, Any] = {
+        "name": name, "stock": stock, "limits": limits,
+        "starts_at": start.isoformat(),
+        "ends_at": (start + dt.timedelta(seconds=duration)).isoformat(),
+        "coupons": [{"kind": kind, "value": int(value or 0), "threshold": int(threshold or 0),
+                     "currency": currency, "valid_days": valid_days}],
+    }
+    if cid:
+        spec["id"] = cid
+    _admin("POST", "/v1/campaigns", spec)
+
+
+@campaign.command("list")
+def campaign_list() -> None:
+    """All campaigns with their live numbers."""
+    _admin("GET", "/v1/campaigns")
+
+
+@campaign.command("show")
+@click.argument("campaign_id")
+def campaign_show(campaign_id: str) -> None:
+    """One campaign: spec, status, stock, remaining, claimed."""
+    _admin("GET", f"/v1/campaigns/{campaign_id}")
+
+
+def _status_verb(verb: str) -> None:
+    @campaign.command(verb, help=f"{verb.capitalize()} a campaign.")
+    @click.argument("campaign_id")
+    def cmd(campaign_id: str) -> None:
+        _admin("POST", f"/v1/campaigns/{campaign_id}/{verb}")
+
+
+for _verb in ("pause", "resume", "end"):
+    _status_verb(_verb)
+
+
+@campaign.command("restock")
+@click.argument("campaign_id")
+@click.argument("quantity", type=int)
+def campaign_restock(campaign_id: str, quantity: int) -> None:
+    """Add QUANTITY units to a campaign that has not ended."""
+    _admin("POST", f"/v1/campaigns/{campaign_id}/restock", {"quantity": quantity})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The error tree: every failure a client can see, with its HTTP status, problem `code`
+and metric label. `gateway.http.problems` is the one place that turns these into responses.
+
+    Problem (500 internal)
+     ├── BadRequest (400 malformed_json)
+     ├── Unauthorized (401 unauthorized)
+     ├── Forbidden (403 forbidden)
+     │    └── NotEligible (403 not_eligible)
+     ├── NotFound (404 not_found)
+     ├── Conflict (409 conflict)
+     │    ├── LimitReached (409 limit_reached)
+     │    ├── NotStarted (409 not_started)
+     │    ├── Paused (409 paused)
+     │    └── AlreadyEnded (409 ended)    operator action on an ended campaign
+     ├── Gone (410)
+     │    ├── SoldOut (410 sold_out)
+     │    └── Ended (410 ended)
+     ├── PayloadTooLarge (413 too_large)
+     ├── Unprocessable (422 invalid)
+     ├── TooManyRequests (429 rate_limited)
+     └── Unavailable (503 unavailable)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class Problem(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.retry_after = retry_after
+        self.headers = headers or {}
+        self.extra = extra
+
+
+class BadRequest(Problem):
+    status, code, title = 400, "malformed_json", "Malformed request body"
+
+
+class Unauthorized(Problem):
+    status, code, title = 401, "unauthorized", "Missing or invalid credentials"
+
+
+class Forbidden(Problem):
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+class NotEligible(Forbidden):
+    code, title = "not_eligible", "Not eligible for this campaign"
+
+
+class NotFound(Problem):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class Conflict(Problem):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class LimitReached(Conflict):
+    code, title = "limit_reached", "Claim limit reached"
+
+
+class NotStarted(Conflict):
+    code, title = "not_started", "Campaign has not started yet"
+
+
+class Paused(Conflict):
+    code, title = "paused", "Campaign is paused"
+
+
+class AlreadyEnded(Conflict):
+    code, title = "ended", "Campaign has ended"
+
+
+class Gone(Problem):
+    status, code, title = 410, "gone", "Gone"
+
+
+class SoldOut(Gone):
+    code, title = "sold_out", "Sold out"
+
+
+class Ended(Gone):
+    code, title = "ended", "Campaign has ended"
+
+
+class PayloadTooLarge(Problem):
+    status, code, title = 413, "too_large", "Request body too large"
+
+
+class Unprocessable(Problem):
+    status, code, title = 422, "invalid", "Request body has the wrong shape"
+
+
+class TooManyRequests(Problem):
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+
+class Unavailable(Problem):
+    status, code, title = 503, "unavailable", "Service temporarily unavailable"

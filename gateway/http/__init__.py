@@ -1,0 +1,1 @@
+"""The HTTP layer: app factory, claimant, admin and ops handlers, problem documents."""

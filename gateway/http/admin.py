@@ -1,0 +1,157 @@
+"""Operator endpoints behind the admin bearer token: create, list, show, pause, resume, end
+and restock campaigns. Every change goes through a Lua script and is published to workers."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.domain import CampaignSpec, SpecError, to_ms, validate_spec
+from gateway.http.body import decode, read_capped
+from gateway.http.context import GATEWAY, Gateway
+from gateway.redis.campaigns import CampaignState, parse_meta
+from gateway.redis.keys import CAMPAIGNS, CampaignKeys
+from gateway.schemas import (
+    CampaignInfo,
+    CampaignList,
+    encoder,
+    restock_decoder,
+    spec_decoder,
+)
+
+SPEC_BODY_MAX = 128 * 1024
+
+
+def require_admin(request: web.Request) -> Gateway:
+    gw = request.app[GATEWAY]
+    auth = request.headers.get("Authorization", "")
+    if not auth.startswith("Bearer "):
+        raise errors.Unauthorized(
+            "The admin API needs `Authorization: Bearer <admin token>`",
+            headers={"WWW-Authenticate": 'Bearer realm="flashclaim-admin"'},
+        )
+    expected = (gw.settings.admin_token or "").encode()
+    if not expected or not hmac.compare_digest(auth[7:].strip().encode(), expected):
+        raise errors.Forbidden("That admin token is not valid")
+    return gw
+
+
+def info(state: CampaignState) -> CampaignInfo:
+    s = state.spec
+    return CampaignInfo(
+        id=state.id, name=s.name, status=state.status, stock=state.total,
+        remaining=max(state.remaining, 0), claimed=state.claimed,
+        starts_at=s.starts_at, ends_at=s.ends_at, limits=s.limits,
+        eligibility=s.eligibility, coupons=s.coupons, admission=s.admission,
+    )
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encoder.encode(obj), status=status, content_type="application/json")
+
+
+async def load_state(gw: Gateway, cid: str) -> CampaignState:
+    meta = await gw.client.hgetall(CampaignKeys.of(cid).meta)
+    state = parse_meta(cid, meta)
+    if state is None:
+        raise errors.NotFound(f"No campaign {cid!r}")
+    return state
+
+
+def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
+    lim = spec.limits
+    return {
+        "status": "live",
+        "starts": to_ms(spec.starts_at),
+        "ends": to_ms(spec.ends_at),
+        "per_user": lim.per_user,
+        "per_device": lim.per_device or 0,
+        "per_phone": lim.per_phone or 0,
+        "per_ip": lim.per_ip or 0,
+        "remaining": spec.stock,
+        "total": spec.stock,
+        "created": int(time.time() * 1000),
+        "spec": encoder.encode(spec).decode(),
+    }
+
+
+async def create_campaign(request: web.Request) -> web.Response:
+    gw = require_admin(request)
+    spec = decode(spec_decoder, await read_capped(request, SPEC_BODY_MAX))
+    try:
+        spec = validate_spec(spec)
+    except SpecError as e:
+        raise errors.Unprocessable(str(e), field=f"$.{e.field}") from None
+    assert spec.id is not None
+    if not await gw.scripts.create(spec.id, meta_fields(spec)):
+        raise errors.Conflict(f"Campaign {spec.id!r} already exists")
+    await gw.client.sadd(CAMPAIGNS, spec.id)
+    state = await gw.views.load(spec.id)
+    assert state is not None
+    return json_response(info(state), 201)
+
+
+async def list_campaigns(request: web.Request) -> web.Response:
+    gw = require_admin(request)
+    ids = sorted(str(i) for i in await gw.client.smembers(CAMPAIGNS))
+    async with gw.client.pipeline(transaction=False) as pipe:
+        for cid in ids:
+            pipe.hgetall(CampaignKeys.of(cid).meta)
+        metas = await pipe.execute()
+    states = [parse_meta(cid, m) for cid, m in zip(ids, metas, strict=True)]
+    return json_response(CampaignList([info(s) for s in states if s is not None]))
+
+
+async def show_campaign(request: web.Request) -> web.Response:
+    gw = require_admin(request)
+    return json_response(info(await load_state(gw, request.match_info["id"])))
+
+
+async def _set_status(request: web.Request, status: str) -> web.Response:
+    gw = require_admin(request)
+    cid = request.match_info["id"]
+    result = await gw.scripts.set_status(cid, status)
+    if result == 0:
+        raise errors.NotFound(f"No campaign {cid!r}")
+    if result < 0:
+        raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be {status} again")
+    return json_response(info(await load_state(gw, cid)))
+
+
+async def pause(request: web.Request) -> web.Response:
+    return await _set_status(request, "paused")
+
+
+async def resume(request: web.Request) -> web.Response:
+    return await _set_status(request, "live")
+
+
+async def end(request: web.Request) -> web.Response:
+    return await _set_status(request, "ended")
+
+
+async def restock(request: web.Request) -> web.Response:
+    gw = require_admin(request)
+    cid = request.match_info["id"]
+    req = decode(restock_decoder, await read_capped(request, 4096))
+    result = await gw.scripts.restock(cid, req.quantity)
+    if result[0] == 0:
+        raise errors.NotFound(f"No campaign {cid!r}")
+    if result[0] < 0:
+        raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be restocked")
+    return json_response(info(await load_state(gw, cid)))
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/campaigns", create_campaign)
+    r.add_get("/v1/campaigns", list_campaigns)
+    r.add_get("/v1/campaigns/{id}", show_campaign)
+    r.add_post("/v1/campaigns/{id}/pause", pause)
+    r.add_post("/v1/campaigns/{id}/resume", resume)
+    r.add_post("/v1/campaigns/{id}/end", end)
+    r.add_post("/v1/campaigns/{id}/restock", restock)

@@ -1,0 +1,78 @@
+"""The app factory: `create_app(settings)` wires Redis, scripts, the campaign view, the claim
+batcher and the token verifier into an aiohttp app, each resource owned by `cleanup_ctx`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.http import admin, claims, ops
+from gateway.http.context import GATEWAY, Gateway
+from gateway.http.problems import problems_middleware
+from gateway.identity import Verifier, load_public_keys
+from gateway.redis.batcher import ClaimBatcher
+from gateway.redis.campaigns import CampaignViews
+from gateway.redis.health import RedisHealth
+from gateway.redis.scripts import Scripts
+from gateway.settings import Settings
+
+
+def redis_client(settings: Settings) -> Redis:
+    """No automatic retries: re-sending a claim script after a timeout could grant twice."""
+    if not settings.redis_url:
+        raise RuntimeError("FLASHCLAIM_REDIS_URL is not set")
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        decode_responses=True,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis(connection_pool=pool)
+
+
+def make_verifier(settings: Settings, clock: Callable[[], float]) -> Verifier:
+    keys = load_public_keys(settings.identity_public_keys) if settings.identity_public_keys else []
+    if not settings.identity_secret and not keys:
+        raise RuntimeError("set FLASHCLAIM_IDENTITY_SECRET or FLASHCLAIM_IDENTITY_PUBLIC_KEYS")
+    return Verifier(settings.identity_secret, keys, settings.signing_key, clock)
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+    if not settings.admin_token:
+        raise RuntimeError("FLASHCLAIM_ADMIN_TOKEN is not set")
+    verifier = make_verifier(settings, clock)
+    app = web.Application(middlewares=[problems_middleware], client_max_size=256 * 1024)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        client = redis_client(settings)
+        scripts = Scripts(client, settings.scripts_dir)
+        health = RedisHealth()
+        with contextlib.suppress(RedisError, OSError):
+            await scripts.load_all()
+            health.scripts_loaded = True
+        views = CampaignViews(client, clock)
+        batcher = ClaimBatcher(scripts, health, settings.idempotency_ttl_s * 1000)
+        app[GATEWAY] = Gateway(settings, client, scripts, health, views, batcher, verifier)
+        task = asyncio.create_task(views.run())
+        yield
+        views.close()
+        await batcher.close()
+        await task
+        await client.aclose()
+
+    app.cleanup_ctx.append(resources)
+    claims.add_routes(app)
+    admin.add_routes(app)
+    ops.add_routes(app)
+    return app

@@ -1,0 +1,29 @@
+"""The per-app bundle of resources handlers use, under one typed AppKey."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.identity import Verifier
+from gateway.redis.batcher import ClaimBatcher
+from gateway.redis.campaigns import CampaignViews
+from gateway.redis.health import RedisHealth
+from gateway.redis.scripts import Scripts
+from gateway.settings import Settings
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    client: Redis
+    scripts: Scripts
+    health: RedisHealth
+    views: CampaignViews
+    batcher: ClaimBatcher
+    verifier: Verifier
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

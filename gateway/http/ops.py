@@ -1,0 +1,50 @@
+"""Ops endpoints: liveness, readiness (Redis reachable, scripts loaded), OpenAPI documents."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway.errors import Unavailable
+from gateway.http.admin import require_admin
+from gateway.http.context import GATEWAY
+from gateway.http.openapi import admin_document, public_document
+from gateway.schemas import Health, encoder
+
+_OK = encoder.encode(Health("ok"))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(body=_OK, content_type="application/json")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    try:
+        async with asyncio.timeout(1.0):
+            await gw.client.ping()
+            if not gw.health.scripts_loaded:
+                await gw.scripts.load_all()
+                gw.health.scripts_loaded = True
+    except (RedisError, OSError, TimeoutError):
+        raise Unavailable("Redis is not reachable", retry_after=1) from None
+    return web.Response(body=_OK, content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    public = encoder.encode(public_document())
+    admin = encoder.encode(admin_document())
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=public, content_type="application/json")
+
+    async def openapi_admin(request: web.Request) -> web.Response:
+        require_admin(request)
+        return web.Response(body=admin, content_type="application/json")
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/openapi-admin.json", openapi_admin)

@@ -1,0 +1,93 @@
+"""The one place that maps errors to HTTP: problem documents, the request id on every
+response and log line, and a 500 problem (never a stack trace) for the unexpected."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import re
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway.errors import BadRequest, Problem, Unavailable, Unprocessable
+from gateway.schemas import ProblemDocument, encoder
+
+log = logging.getLogger("gateway.http")
+
+PROBLEM_TYPE = "urn:flashclaim:problem:"
+_ids = itertools.count(1)
+_prefix = f"{os.getpid():x}"
+_valid_rid = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_FIELD = re.compile(r"at `(\$[^`]*)`")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem_response(p: Problem, request_id: str | None = None) -> web.Response:
+    retry = None if p.retry_after is None else max(1, math.ceil(p.retry_after))
+    doc = ProblemDocument(
+        type=PROBLEM_TYPE + p.code,
+        title=p.title,
+        status=p.status,
+        detail=p.detail,
+        code=p.code,
+        request_id=request_id,
+        retry_after_s=retry,
+        **p.extra,
+    )
+    headers = dict(p.headers)
+    if retry is not None:
+        headers["Retry-After"] = str(retry)
+    return web.Response(
+        body=encoder.encode(doc),
+        status=p.status,
+        content_type="application/problem+json",
+        headers=headers,
+    )
+
+
+def decode_error(e: msgspec.DecodeError) -> Problem:
+    """msgspec's message names the field for shape errors; plain syntax errors are 400."""
+    msg = str(e)
+    if isinstance(e, msgspec.ValidationError):
+        m = _FIELD.search(msg)
+        return Unprocessable(msg, field=m.group(1) if m else "$")
+    return BadRequest(f"Body is not valid JSON: {msg}")
+
+
+class _HttpProblem(Problem):
+    def __init__(self, e: web.HTTPException) -> None:
+        super().__init__(e.reason, headers={k: v for k, v in e.headers.items()
+                                            if k.lower() in ("allow",)})
+        self.status = e.status  # type: ignore[misc]
+        self.code = e.reason.lower().replace(" ", "_")  # type: ignore[misc]
+        self.title = e.reason  # type: ignore[misc]
+
+
+@web.middleware
+async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id", "")
+    if not _valid_rid.match(rid):
+        rid = f"{_prefix}-{next(_ids):x}"
+    try:
+        resp = await handler(request)
+    except Problem as p:
+        resp = problem_response(p, rid)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        resp = problem_response(_HttpProblem(e), rid)
+    except (RedisError, ConnectionError, TimeoutError) as e:
+        log.warning("redis unavailable request_id=%s %s: %r", rid, request.path, e)
+        unavailable = Unavailable("Redis is unavailable; retry shortly", retry_after=1)
+        resp = problem_response(unavailable, rid)
+    except Exception:
+        log.exception("unexpected error request_id=%s %s %s", rid, request.method, request.path)
+        resp = problem_response(Problem("An unexpected error occurred"), rid)
+    resp.headers["X-Request-Id"] = rid
+    return resp

@@ -1,0 +1,142 @@
+"""Identity tokens: verify a JWT (HS256 with the shared secret; EdDSA/ES256 with configured
+public keys, chosen by `kid`) into an `Identity`, with a short cache of verified tokens;
+and mint development tokens."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from gateway.domain import Identity, keyed_hash
+from gateway.errors import Unauthorized
+
+LEEWAY_S = 5
+CACHE_MAX = 100_000
+CACHE_TTL_S = 60.0
+
+
+class PublicKey:
+    def __init__(self, key: Any, algorithm: str, kid: str | None) -> None:
+        self.key, self.algorithm, self.kid = key, algorithm, kid
+
+
+def load_public_keys(path: str) -> list[PublicKey]:
+    """A PEM file with one key (its type fixes the algorithm) or a JWKS document."""
+    text = Path(path).read_text()
+    if text.lstrip().startswith("{"):
+        keys = []
+        for jwk in jwt.PyJWKSet.from_dict(json.loads(text)).keys:
+            if jwk.algorithm_name not in ("EdDSA", "ES256"):
+                raise ValueError(f"unsupported key algorithm {jwk.algorithm_name}")
+            keys.append(PublicKey(jwk.key, jwk.algorithm_name, jwk.key_id))
+        return keys
+    key = load_pem_public_key(text.encode())
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return [PublicKey(key, "EdDSA", None)]
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return [PublicKey(key, "ES256", None)]
+    raise ValueError("identity public key must be Ed25519 or EC P-256")
+
+
+class Verifier:
+    """Turns an `Authorization` header into an Identity, or raises Unauthorized."""
+
+    def __init__(
+        self,
+        secret: str | None,
+        public_keys: list[PublicKey],
+        pii_key: bytes,
+        clock: Any = time.time,
+    ) -> None:
+        self._secret = secret
+        self._keys = public_keys
+        self._pii_key = pii_key
+        self._clock = clock
+        self._cache: dict[str, tuple[Identity, float]] = {}
+
+    def verify(self, authorization: str | None) -> Identity:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("An identity token is required (Authorization: Bearer <jwt>)")
+        token = authorization[7:].strip()
+        now = self._clock()
+        hit = self._cache.get(token)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        identity, exp = self._decode(token)
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[token] = (identity, min(exp, now + CACHE_TTL_S))
+        return identity
+
+    def _key_for(self, token: str) -> tuple[Any, str]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as e:
+            raise Unauthorized(f"Malformed identity token: {e}") from None
+        alg = header.get("alg")
+        if alg == "HS256" and self._secret:
+            return self._secret, "HS256"
+        kid = header.get("kid")
+        for k in self._keys:
+            if k.algorithm == alg and (kid == k.kid or (k.kid is None and len(self._keys) == 1)):
+                return k.key, k.algorithm
+        raise Unauthorized("Identity token signed with an unknown key or algorithm")
+
+    def _decode(self, token: str) -> tuple[Identity, float]:
+        key, alg = self._key_for(token)
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[alg], leeway=LEEWAY_S,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("Identity token has expired") from None
+        except jwt.PyJWTError as e:
+            raise Unauthorized(f"Invalid identity token: {e}") from None
+        sub, dev, phone = claims.get("sub"), claims.get("dev"), claims.get("phone")
+        tags, region = claims.get("tags", []), claims.get("region", "")
+        if not isinstance(sub, str) or not 1 <= len(sub) <= 128:
+            raise Unauthorized("Identity token `sub` must be 1-128 characters")
+        if not (
+            isinstance(dev, str | None) and isinstance(phone, str | None)
+            and isinstance(region, str) and isinstance(tags, list)
+            and all(isinstance(t, str) for t in tags)
+        ):
+            raise Unauthorized("Identity token claims have the wrong types")
+        identity = Identity(
+            user_id=sub,
+            device_h=keyed_hash(self._pii_key, "d:" + dev) if dev else "",
+            phone_h=keyed_hash(self._pii_key, "p:" + phone) if phone else "",
+            tags=frozenset(tags),
+            region=region,
+        )
+        return identity, float(claims["exp"])
+
+
+def mint_token(
+    secret: str,
+    sub: str,
+    *,
+    ttl_s: int = 3600,
+    dev: str | None = None,
+    phone: str | None = None,
+    tags: list[str] | None = None,
+    region: str | None = None,
+) -> str:
+    """A development HS256 identity token."""
+    claims: dict[str, Any] = {"sub": sub, "exp": int(time.time()) + ttl_s}
+    if dev:
+        claims["dev"] = dev
+    if phone:
+        claims["phone"] = phone
+    if tags:
+        claims["tags"] = tags
+    if region:
+        claims["region"] = region
+    return jwt.encode(claims, secret, algorithm="HS256")

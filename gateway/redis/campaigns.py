@@ -1,0 +1,172 @@
+"""The worker's live view of campaigns (spec, status, window, sold-out) and of Redis's clock,
+kept fresh by pub/sub invalidation plus a periodic refresh (pub/sub is at-most-once), so
+most of a release's answers need no Redis round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.domain import CampaignSpec
+from gateway.redis.keys import CHANGES, CampaignKeys
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 1.0
+NEGATIVE_TTL_S = 1.0
+_spec_decoder = msgspec.json.Decoder(CampaignSpec)
+
+
+@dataclass(slots=True)
+class CampaignState:
+    spec: CampaignSpec
+    id: str
+    status: str  # live | paused | ended
+    starts_ms: int
+    ends_ms: int
+    remaining: int
+    total: int
+    claimed: int
+    version: int
+
+    @property
+    def sold_out(self) -> bool:
+        return self.remaining <= 0
+
+
+def parse_meta(campaign_id: str, meta: Mapping[Any, Any]) -> CampaignState | None:
+    if not meta or "spec" not in meta:
+        return None
+    return CampaignState(
+        spec=_spec_decoder.decode(meta["spec"]),
+        id=campaign_id,
+        status=meta["status"],
+        starts_ms=int(meta["starts"]),
+        ends_ms=int(meta["ends"]),
+        remaining=int(meta["remaining"]),
+        total=int(meta["total"]),
+        claimed=int(meta.get("seq", 0)),
+        version=int(meta.get("version", 0)),
+    )
+
+
+class CampaignViews:
+    """`get()` answers from memory; `run()` keeps memory fresh until `close()`."""
+
+    def __init__(self, client: Redis, clock: Callable[[], float] = time.time) -> None:
+        self._client = client
+        self._clock = clock
+        self._states: dict[str, CampaignState] = {}
+        self._absent: dict[str, float] = {}  # id -> until when "no such campaign" is cached
+        self._offset_ms: float | None = None  # Redis TIME minus our clock
+        self._stop = asyncio.Event()
+        self.synced = asyncio.Event()
+
+    def redis_now_ms(self) -> int | None:
+        """Redis's clock as this worker estimates it; None until first measured."""
+        if self._offset_ms is None:
+            return None
+        return int(self._clock() * 1000 + self._offset_ms)
+
+    async def get(self, campaign_id: str) -> CampaignState | None:
+        state = self._states.get(campaign_id)
+        if state is not None:
+            return state
+        if self._absent.get(campaign_id, 0.0) > time.monotonic():
+            return None
+        return await self.load(campaign_id)
+
+    async def load(self, campaign_id: str) -> CampaignState | None:
+        meta = await self._client.hgetall(CampaignKeys.of(campaign_id).meta)
+        state = parse_meta(campaign_id, meta)
+        if state is None:
+            self._states.pop(campaign_id, None)
+            if len(self._absent) > 10_000:
+                self._absent.clear()
+            self._absent[campaign_id] = time.monotonic() + NEGATIVE_TTL_S
+        else:
+            self._absent.pop(campaign_id, None)
+            self._states[campaign_id] = state
+        return state
+
+    def observe_remaining(self, campaign_id: str, remaining: int) -> None:
+        """A claim verdict told us the stock left; a sold-out flag needs no pub/sub."""
+        state = self._states.get(campaign_id)
+        if state is not None and remaining < state.remaining:
+            state.remaining = remaining
+
+    def forget(self, campaign_id: str) -> None:
+        self._states.pop(campaign_id, None)
+
+    async def sync_clock(self) -> None:
+        before = self._clock()
+        sec, usec = await self._client.time()
+        after = self._clock()
+        redis_ms = sec * 1000 + usec / 1000
+        self._offset_ms = redis_ms - (before + after) / 2 * 1000
+
+    async def refresh_all(self) -> None:
+        ids = list(self._states)
+        if not ids:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.hgetall(CampaignKeys.of(cid).meta)
+            metas = await pipe.execute()
+        for cid, meta in zip(ids, metas, strict=True):
+            state = parse_meta(cid, meta)
+            if state is None:
+                self._states.pop(cid, None)
+            else:
+                self._states[cid] = state
+
+    async def _on_message(self, data: str) -> None:
+        kind, _, cid = data.partition(" ")
+        if kind == "soldout":
+            self.observe_remaining(cid, 0)
+        elif kind == "changed":
+            self._absent.pop(cid, None)
+            if cid in self._states:
+                await self.load(cid)
+
+    async def run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANGES)
+                await self.sync_clock()
+                await self.refresh_all()  # catch up on what we missed while unsubscribed
+                self.synced.set()
+                backoff = 0.05
+                next_refresh = time.monotonic() + REFRESH_S
+                while not self._stop.is_set():
+                    timeout = max(0.0, next_refresh - time.monotonic())
+                    msg = await pubsub.get_message(timeout=timeout)
+                    if msg is not None and msg["type"] == "message":
+                        await self._on_message(msg["data"])
+                    if time.monotonic() >= next_refresh:
+                        await self.sync_clock()
+                        await self.refresh_all()
+                        next_refresh = time.monotonic() + REFRESH_S
+            except (RedisError, OSError) as e:
+                self.synced.clear()
+                log.warning("campaign view lost Redis: %r; retrying in %.2fs", e, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                backoff = min(backoff * 2, 1.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,0 +1,26 @@
+"""The Redis key layout. Every key of one campaign carries the hash tag `{c:<id>}`, so each
+script touches one slot and the same code runs on Redis Cluster."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+CAMPAIGNS = "fc:campaigns"  # set of campaign ids, for listing
+CHANGES = "fc:changes"  # pub/sub channel: "changed <id>" | "soldout <id>"
+
+
+class CampaignKeys(NamedTuple):
+    meta: str  # hash: status, window, limits, remaining, total, seq, version, spec
+    users: str  # hash user -> grants
+    devices: str  # hash device_h -> grants
+    phones: str  # hash phone_h -> grants
+    ips: str  # hash ip -> grants
+    grants: str  # hash user -> "seq:ms,seq:ms"
+    idem: str  # hash "user\nkey" -> "seq:ms"
+    idem_exp: str  # zset "user\nkey" by expiry ms
+    events: str  # stream: the claim outbox
+
+    @classmethod
+    def of(cls, campaign_id: str) -> CampaignKeys:
+        p = f"fc:{{c:{campaign_id}}}:"
+        return cls(*(p + name for name in cls._fields))

@@ -1,0 +1,58 @@
+"""The Lua scripts of `lua/`, registered once per client and called through typed wrappers;
+redis-py's Script object reloads a script after NOSCRIPT."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway.redis.keys import CHANGES, CampaignKeys
+
+ClaimArgs = tuple[str, str, str, str, str, str]  # user, device_h, phone_h, ip, idem_key, channel
+
+
+class Scripts:
+    def __init__(self, client: Redis, lua_dir: Path) -> None:
+        def load(name: str) -> Any:
+            return client.register_script((lua_dir / f"{name}.lua").read_text())
+
+        self._claim = load("claim")
+        self._create = load("create")
+        self._set_status = load("set_status")
+        self._restock = load("restock")
+        self._all = (self._claim, self._create, self._set_status, self._restock)
+        self._client = client
+
+    async def load_all(self) -> None:
+        """SCRIPT LOAD every script, so readiness means the scripts are there."""
+        for s in self._all:
+            s.sha = await self._client.script_load(s.script)
+
+    async def claim(
+        self, campaign_id: str, claims: Sequence[ClaimArgs], idem_ttl_ms: int
+    ) -> list[Any]:
+        args: list[str | int] = [campaign_id, CHANGES, idem_ttl_ms]
+        for c in claims:
+            args.extend(c)
+        keys = CampaignKeys.of(campaign_id)
+        result: list[Any] = await self._claim(keys=list(keys), args=args)
+        return result
+
+    async def create(self, campaign_id: str, fields: Mapping[str, str | int]) -> bool:
+        args: list[str | int] = [CHANGES, campaign_id]
+        for k, v in fields.items():
+            args.extend((k, v))
+        created = await self._create(keys=[CampaignKeys.of(campaign_id).meta], args=args)
+        return bool(created)
+
+    async def set_status(self, campaign_id: str, status: str) -> int:
+        keys = [CampaignKeys.of(campaign_id).meta]
+        return int(await self._set_status(keys=keys, args=[CHANGES, campaign_id, status]))
+
+    async def restock(self, campaign_id: str, quantity: int) -> list[int]:
+        keys = [CampaignKeys.of(campaign_id).meta]
+        result = await self._restock(keys=keys, args=[CHANGES, campaign_id, quantity])
+        return [int(x) for x in result]

@@ -1,0 +1,91 @@
+"""Serving: one worker process runs the aiohttp app on uvloop with SO_REUSEPORT; the
+supervisor starts N of them on one port, restarts any that die, and stops them on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import time
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+
+import uvloop
+from aiohttp import web
+
+from gateway.http.app import create_app
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+
+
+async def _serve(settings: Settings, host: str, port: int) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def worker_main(settings: Settings, host: str, port: int) -> None:
+    setup_logging(settings.log_level)
+    uvloop.run(_serve(settings, host, port))
+
+
+class Supervisor:
+    """Keeps `workers` processes serving `host:port` until stopped."""
+
+    def __init__(self, settings: Settings, host: str, port: int, workers: int) -> None:
+        self._args = (settings, host, port)
+        self._n = workers
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: list[BaseProcess] = []
+        self._stopping = False
+
+    def _spawn(self) -> BaseProcess:
+        p = self._ctx.Process(target=worker_main, args=self._args, daemon=False)
+        p.start()
+        return p
+
+    def stop(self, *_: object) -> None:
+        self._stopping = True
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self._procs = [self._spawn() for _ in range(self._n)]
+        while not self._stopping:
+            wait([p.sentinel for p in self._procs], timeout=0.2)
+            for i, p in enumerate(self._procs):
+                if not p.is_alive() and not self._stopping:
+                    log.error("worker %s exited with %s; restarting", p.pid, p.exitcode)
+                    time.sleep(0.2)
+                    self._procs[i] = self._spawn()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        for p in self._procs:
+            if p.is_alive() and p.pid is not None:
+                p.terminate()
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S + 2
+        for p in self._procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()

@@ -1,0 +1,68 @@
+"""Settings: one frozen object read once from the FLASHCLAIM_* environment (and the optional
+config file, which may add values but never override the environment), then passed down."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+DEFAULT_LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+_INSTALLED_LUA_DIR = Path(__file__).resolve().parent / "_lua"
+
+
+def default_lua_dir() -> Path:
+    """`lua/` beside the package in a checkout; `gateway/_lua` in an installed wheel."""
+    return DEFAULT_LUA_DIR if DEFAULT_LUA_DIR.is_dir() else _INSTALLED_LUA_DIR
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    redis_url: str | None = None
+    store_url: str = "sqlite:///./var/claims.db"
+    admin_token: str | None = None
+    identity_secret: str | None = None
+    identity_public_keys: str | None = None
+    signing_secret: str | None = None
+    url: str = "http://127.0.0.1:8080"
+    var_dir: str = "./var"
+    lua_dir: str = ""
+    claim_body_max: int = 16 * 1024
+    idempotency_ttl_s: int = 24 * 3600
+    redis_max_connections: int = 64
+    redis_timeout_s: float = 1.0
+    log_level: str = "INFO"
+
+    @property
+    def signing_key(self) -> bytes:
+        if not self.signing_secret:
+            raise RuntimeError("FLASHCLAIM_SIGNING_SECRET is not set")
+        return self.signing_secret.encode()
+
+    @property
+    def scripts_dir(self) -> Path:
+        return Path(self.lua_dir) if self.lua_dir else default_lua_dir()
+
+
+_FIELDS = {f"FLASHCLAIM_{name.upper()}": name for name in Settings.__struct_fields__}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Environment first; then `FLASHCLAIM_CONFIG` (default `<var_dir>/flashclaim.json`, which
+    `flashclaim run` writes) fills in what the environment leaves unset."""
+    env = os.environ if environ is None else environ
+    values: dict[str, str] = {name: env[var] for var, name in _FIELDS.items() if var in env}
+    var_dir = values.get("var_dir", "./var")
+    config = Path(env.get("FLASHCLAIM_CONFIG", str(Path(var_dir) / "flashclaim.json")))
+    if config.is_file():
+        for var, value in json.loads(config.read_text()).items():
+            name = _FIELDS.get(var)
+            if name is not None and name not in values:
+                values[name] = str(value)
+    return msgspec.convert(values, Settings, strict=False)
+
+
+def config_names() -> list[str]:
+    return sorted(_FIELDS)

@@ -1,0 +1,104 @@
+-- claim(KEYS: meta, users, devices, phones, ips, grants, idem, idem_exp, events
+--       | ARGV: campaign_id, changes_channel, idem_ttl_ms,
+--               then per claim: user, device_h, phone_h, ip, idem_key, channel)
+-- Decides a whole batch of claims of one campaign atomically, on Redis TIME.
+-- returns {now_ms, remaining, code1, data1, code2, data2, ...}; codes are
+-- gateway.domain.Outcome: 1 granted ("seq:ms"), 2 replayed ("seq:ms"), 3 sold_out,
+-- 4..7 limit user/device/phone/ip (the user's grants "seq:ms,..."), 8 not_started (starts ms),
+-- 9 ended, 10 paused, 11 unknown campaign.
+local meta, users, devices, phones, ips, grants, idem, idem_exp, events =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local cid, channel, idem_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local FIELDS = 6
+local n = (#ARGV - 3) / FIELDS
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local m = redis.call('HMGET', meta, 'status', 'starts', 'ends', 'per_user', 'per_device',
+  'per_phone', 'per_ip', 'remaining')
+local out = {now, 0}
+
+local function all(code, data)
+  for _ = 1, n do
+    out[#out + 1] = code
+    out[#out + 1] = data
+  end
+  return out
+end
+
+if not m[1] then return all(11, '') end
+local remaining = tonumber(m[8])
+out[2] = remaining
+if m[1] == 'ended' or now >= tonumber(m[3]) then return all(9, '') end
+if m[1] == 'paused' then return all(10, '') end
+if now < tonumber(m[2]) then return all(8, m[2]) end
+
+local per_user = tonumber(m[4])
+local per_device, per_phone, per_ip = tonumber(m[5]), tonumber(m[6]), tonumber(m[7])
+
+local function over(key, field, limit)
+  return limit > 0 and field ~= '' and (tonumber(redis.call('HGET', key, field)) or 0) >= limit
+end
+
+local function bump(key, field, limit)
+  if limit > 0 and field ~= '' then redis.call('HINCRBY', key, field, 1) end
+end
+
+local sold_out_now = false
+for i = 0, n - 1 do
+  local b = 3 + i * FIELDS
+  local user, dev, phone, ip, ikey, chan =
+    ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+  local ifield = user .. '\n' .. ikey
+  local prior = false
+  if ikey ~= '' then prior = redis.call('HGET', idem, ifield) end
+  local code, data = 0, ''
+  if prior then
+    code, data = 2, prior
+  elseif over(users, user, per_user) then
+    code = 4
+  elseif over(devices, dev, per_device) then
+    code = 5
+  elseif over(phones, phone, per_phone) then
+    code = 6
+  elseif over(ips, ip, per_ip) then
+    code = 7
+  elseif remaining <= 0 then
+    code = 3
+  else
+    remaining = remaining - 1
+    local seq = redis.call('HINCRBY', meta, 'seq', 1)
+    data = seq .. ':' .. now
+    bump(users, user, per_user)
+    bump(devices, dev, per_device)
+    bump(phones, phone, per_phone)
+    bump(ips, ip, per_ip)
+    local prev = redis.call('HGET', grants, user)
+    redis.call('HSET', grants, user, prev and (prev .. ',' .. data) or data)
+    if ikey ~= '' then
+      redis.call('HSET', idem, ifield, data)
+      redis.call('ZADD', idem_exp, now + idem_ttl, ifield)
+    end
+    redis.call('XADD', events, '*', 'v', '1', 'claim_id', cid .. '.' .. seq,
+      'campaign_id', cid, 'user_id', user, 'seq', seq, 'granted_at', now,
+      'device', dev, 'phone', phone, 'ip', ip, 'channel', chan)
+    if remaining == 0 then sold_out_now = true end
+    code = 1
+  end
+  if code >= 4 and code <= 7 then data = redis.call('HGET', grants, user) or '' end
+  out[#out + 1] = code
+  out[#out + 1] = data
+end
+
+redis.call('HSET', meta, 'remaining', remaining)
+out[2] = remaining
+if sold_out_now then redis.call('PUBLISH', channel, 'soldout ' .. cid) end
+
+-- forget a few expired idempotency keys per call
+local expired = redis.call('ZRANGEBYSCORE', idem_exp, '-inf', now, 'LIMIT', 0, 16)
+for _, f in ipairs(expired) do
+  redis.call('HDEL', idem, f)
+  redis.call('ZREM', idem_exp, f)
+end
+return out
