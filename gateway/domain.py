@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import re
 import secrets
 from enum import IntEnum
 from typing import Annotated, Literal
@@ -103,8 +104,13 @@ def validate_spec(spec: CampaignSpec) -> CampaignSpec:
     return spec
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MS = dt.timedelta(milliseconds=1)
+
+
 def to_ms(t: dt.datetime) -> int:
-    return int(t.timestamp() * 1000)
+    # exact integer arithmetic: float timestamp() * 1000 truncates e.g. .411 to .410
+    return (t - _EPOCH) // _MS
 
 
 def from_ms(ms: int) -> dt.datetime:
@@ -125,6 +131,7 @@ class Outcome(IntEnum):
     ENDED = 9
     PAUSED = 10
     UNKNOWN = 11
+    BACKLOG = 12  # the durable store is too far behind: shed
 
 
 LIMIT_KIND = {
@@ -205,13 +212,17 @@ def coupon_code(key: bytes, campaign_id: str, seq: int, index: int, user_id: str
     return f"{seq}-{index}-{_mac(key, campaign_id, seq, index, user_id)}"
 
 
+# the canonical form only (ASCII digits, no leading zeros), so one coupon has one spelling
+_CODE = re.compile(r"(0|[1-9][0-9]{0,17})-(0|[1-9][0-9]{0,3})-([A-Z2-7]{16})", re.ASCII)
+
+
 def verify_coupon_code(key: bytes, campaign_id: str, user_id: str, code: str) -> bool:
     """True when `code` was issued by this campaign to this user."""
-    parts = code.split("-")
-    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+    m = _CODE.fullmatch(code)
+    if m is None:
         return False
-    expected = _mac(key, campaign_id, int(parts[0]), int(parts[1]), user_id)
-    return hmac.compare_digest(expected, parts[2])
+    expected = _mac(key, campaign_id, int(m[1]), int(m[2]), user_id)
+    return hmac.compare_digest(expected, m[3])
 
 
 def build_grant(

@@ -93,12 +93,16 @@ class Verifier:
         try:
             claims = jwt.decode(
                 token, key, algorithms=[alg], leeway=LEEWAY_S,
-                options={"require": ["exp", "sub"]},
+                # exp is checked below against the injected clock, not PyJWT's wall clock
+                options={"require": ["exp", "sub"], "verify_exp": False},
             )
-        except jwt.ExpiredSignatureError:
-            raise Unauthorized("Identity token has expired") from None
         except jwt.PyJWTError as e:
             raise Unauthorized(f"Invalid identity token: {e}") from None
+        exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise Unauthorized("Identity token `exp` must be a number")
+        if exp <= self._clock() - LEEWAY_S:
+            raise Unauthorized("Identity token has expired")
         sub, dev, phone = claims.get("sub"), claims.get("dev"), claims.get("phone")
         tags, region = claims.get("tags", []), claims.get("region", "")
         if not isinstance(sub, str) or not 1 <= len(sub) <= 128:
