@@ -3,6 +3,7 @@ and metric label. `gateway.http.problems` is the one place that turns these into
 
     Problem (500 internal)
      ├── BadRequest (400 malformed_json)
+     │    └── BadHeader (400 bad_header)
      ├── Unauthorized (401 unauthorized)
      ├── Forbidden (403 forbidden)
      │    └── NotEligible (403 not_eligible)
@@ -19,6 +20,7 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      ├── Unprocessable (422 invalid)
      ├── TooManyRequests (429 rate_limited)
      └── Unavailable (503 unavailable)
+          └── Overloaded (503 overloaded)
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class Problem(Exception):
 
 class BadRequest(Problem):
     status, code, title = 400, "malformed_json", "Malformed request body"
+
+
+class BadHeader(BadRequest):
+    code, title = "bad_header", "Malformed request header"
 
 
 class Unauthorized(Problem):
@@ -112,3 +118,7 @@ class TooManyRequests(Problem):
 
 class Unavailable(Problem):
     status, code, title = 503, "unavailable", "Service temporarily unavailable"
+
+
+class Overloaded(Unavailable):
+    code, title = "overloaded", "Overloaded; retry shortly"

@@ -59,7 +59,7 @@ def idempotency_key(raw: str | None) -> str:
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
     if not 1 <= len(key) <= 255 or not key.isprintable():
-        raise errors.BadRequest(
+        raise errors.BadHeader(
             "Idempotency-Key must be 1-255 printable characters", field="Idempotency-Key"
         )
     return key
@@ -101,6 +101,10 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
             raise errors.Ended(f"Campaign {cid} has ended")
         case Outcome.PAUSED:
             raise errors.Paused(f"Campaign {cid} is paused", retry_after=5)
+        case Outcome.BACKLOG:
+            raise errors.Overloaded(
+                f"Claims of campaign {cid} are paused while the store catches up", retry_after=2
+            )
         case Outcome.UNKNOWN:
             gw.views.forget(cid)
     raise errors.NotFound(f"No campaign {cid!r}")

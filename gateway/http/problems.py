@@ -24,6 +24,7 @@ _ids = itertools.count(1)
 _prefix = f"{os.getpid():x}"
 _valid_rid = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _FIELD = re.compile(r"at `(\$[^`]*)`")
+_NAMED = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,7 +57,9 @@ def decode_error(e: msgspec.DecodeError) -> Problem:
     msg = str(e)
     if isinstance(e, msgspec.ValidationError):
         m = _FIELD.search(msg)
-        return Unprocessable(msg, field=m.group(1) if m else "$")
+        path = m.group(1) if m else "$"
+        named = _NAMED.search(msg)
+        return Unprocessable(msg, field=f"{path}.{named.group(1)}" if named else path)
     return BadRequest(f"Body is not valid JSON: {msg}")
 
 

@@ -8,7 +8,7 @@ import asyncio
 import logging
 from typing import NamedTuple
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.domain import Outcome
 from gateway.errors import Unavailable
@@ -18,6 +18,7 @@ from gateway.redis.scripts import ClaimArgs, Scripts
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
+_TRANSIENT = ("OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
 
 
 class Verdict(NamedTuple):
@@ -32,10 +33,13 @@ def redis_unavailable() -> Unavailable:
 
 
 class ClaimBatcher:
-    def __init__(self, scripts: Scripts, health: RedisHealth, idem_ttl_ms: int) -> None:
+    def __init__(
+        self, scripts: Scripts, health: RedisHealth, idem_ttl_ms: int, backlog_max: int
+    ) -> None:
         self._scripts = scripts
         self._health = health
         self._idem_ttl_ms = idem_ttl_ms
+        self._backlog_max = backlog_max
         self._pending: dict[str, list[tuple[ClaimArgs, asyncio.Future[Verdict]]]] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -66,11 +70,14 @@ class ClaimBatcher:
     ) -> None:
         try:
             raw = await self._scripts.claim(
-                campaign_id, [c for c, _ in items], self._idem_ttl_ms
+                campaign_id, [c for c, _ in items], self._idem_ttl_ms, self._backlog_max
             )
         except (RedisError, OSError) as e:
             self._health.failed()
-            log.warning("claim batch for %s failed: %r", campaign_id, e)
+            if isinstance(e, ResponseError) and not str(e).startswith(_TRANSIENT):
+                log.error("claim script error for %s: %r", campaign_id, e)
+            else:
+                log.warning("claim batch for %s failed: %r", campaign_id, e)
             for _, fut in items:
                 if not fut.done():
                     fut.set_exception(redis_unavailable())
