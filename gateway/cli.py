@@ -3,6 +3,8 @@ verbs under `campaign`, which talk to the admin API."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -20,7 +22,7 @@ import msgspec
 
 from gateway.embedded import EmbeddedRedis
 from gateway.identity import mint_token
-from gateway.serve import Supervisor, setup_logging
+from gateway.serve import Supervisor, gateway_roles, setup_logging, writer_main
 from gateway.settings import Settings, load_settings
 
 DEFAULT_PORT = 8080
@@ -50,7 +52,17 @@ def serve(host: str, port: int, workers: int) -> None:
         missing.append("FLASHCLAIM_IDENTITY_SECRET or FLASHCLAIM_IDENTITY_PUBLIC_KEYS")
     if missing:
         raise click.UsageError("set " + ", ".join(missing))
-    Supervisor(settings, host, port, workers).run()
+    Supervisor(gateway_roles(settings, host, port, workers)).run()
+
+
+@main.command()
+def writer() -> None:
+    """Drain claim streams into the durable store (FLASHCLAIM_STORE_URL) until SIGTERM."""
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    if not settings.redis_url or not settings.signing_secret:
+        raise click.UsageError("set FLASHCLAIM_REDIS_URL and FLASHCLAIM_SIGNING_SECRET")
+    writer_main(settings)
 
 
 def _embedded_config(settings: Settings, port: int) -> dict[str, str]:
@@ -61,6 +73,8 @@ def _embedded_config(settings: Settings, port: int) -> dict[str, str]:
                 "FLASHCLAIM_SIGNING_SECRET"):
         saved.setdefault(var, secrets.token_urlsafe(24))
     saved["FLASHCLAIM_URL"] = f"http://127.0.0.1:{port}"
+    if not os.environ.get("FLASHCLAIM_REDIS_URL"):  # so `reconcile`, `tail` find it
+        saved["FLASHCLAIM_REDIS_URL"] = EmbeddedRedis(Path(settings.var_dir)).url
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(saved, indent=2) + "\n")
     path.chmod(0o600)
@@ -120,6 +134,7 @@ def run(port: int, workers: int, demo: bool) -> None:
     click.echo(f"""
 flashclaim is running on {base} with {workers} workers
   redis:           {redis_url}{"  (private, AOF appendfsync always)" if embedded else ""}
+  store:           {settings.store_url}  (the writer runs alongside)
   admin token:     {settings.admin_token}
   identity secret: {settings.identity_secret}
   (both kept in {Path(settings.var_dir) / "flashclaim.json"}; the CLI reads them from there)
@@ -133,7 +148,8 @@ Mint an identity token and claim:
             target=_create_demo, args=(base, settings.admin_token or ""), daemon=True
         ).start()
     try:
-        Supervisor(settings, "127.0.0.1", port, workers).run()
+        roles = gateway_roles(settings, "127.0.0.1", port, workers)
+        Supervisor([*roles, (writer_main, (settings,))]).run()
     finally:
         if embedded is not None:
             embedded.stop()
@@ -155,6 +171,77 @@ def token(sub: str, dev: str | None, phone: str | None, tags: str, region: str |
     tag_list = [t for t in tags.split(",") if t]
     click.echo(mint_token(settings.identity_secret, sub, ttl_s=ttl, dev=dev, phone=phone,
                           tags=tag_list, region=region))
+
+
+def _need_redis(settings: Settings) -> None:
+    if not settings.redis_url:
+        raise click.UsageError("FLASHCLAIM_REDIS_URL is not set (or run `flashclaim run`)")
+
+
+@main.command()
+@click.option("--campaign", "campaign_id", default=None, help="One campaign; default all.")
+@click.option("--repair", is_flag=True, help="Re-insert what the stream has and the store lacks.")
+def reconcile(campaign_id: str | None, repair: bool) -> None:
+    """Compare Redis, the claim streams and the store; exit 1 on any difference."""
+    from gateway.durable.reconcile import reconcile as check
+    from gateway.durable.reconcile import render
+    from gateway.durable.store import open_store
+    from gateway.redis.client import redis_client
+    from gateway.redis.keys import CAMPAIGNS
+
+    settings = load_settings()
+    _need_redis(settings)
+
+    async def go() -> bool:
+        client = redis_client(settings)
+        store = await open_store(settings.store_url)
+        try:
+            ids = [campaign_id] if campaign_id else sorted(
+                str(i) for i in await client.smembers(CAMPAIGNS))
+            reports = [await check(client, store, cid, signing_key=settings.signing_key,
+                                   repair=repair) for cid in ids]
+        finally:
+            await store.close()
+            await client.aclose()
+        click.echo(render(reports))
+        return all(r.ok for r in reports)
+
+    try:
+        ok = asyncio.run(go())
+    except LookupError as e:
+        raise click.ClickException(str(e)) from None
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--campaign", "campaign_id", required=True)
+@click.option("--group", default="tail", show_default=True, help="Consumer group.")
+@click.option("--from-start", is_flag=True, help="A new group starts at the first event.")
+@click.option("--count", type=int, default=None, help="Stop after this many events.")
+def tail(campaign_id: str, group: str, from_start: bool, count: int | None) -> None:
+    """Print claim events as JSON lines through a consumer group (at-least-once)."""
+
+    from gateway.events import subscribe
+    from gateway.redis.client import redis_client
+
+    settings = load_settings()
+    _need_redis(settings)
+
+    async def go() -> None:
+        client = redis_client(settings)
+        seen = 0
+        try:
+            async for d in subscribe(client, campaign_id, group, from_start=from_start):
+                click.echo(msgspec.json.encode(d.event).decode())
+                await d.ack()
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+        finally:
+            await client.aclose()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(go())
 
 
 # ---- operator verbs, through the admin API -------------------------------------------------

@@ -8,8 +8,10 @@ import logging
 import multiprocessing
 import signal
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import uvloop
 from aiohttp import web
@@ -48,18 +50,31 @@ def worker_main(settings: Settings, host: str, port: int) -> None:
     uvloop.run(_serve(settings, host, port))
 
 
-class Supervisor:
-    """Keeps `workers` processes serving `host:port` until stopped."""
+def writer_main(settings: Settings) -> None:
+    from gateway.durable.writer import serve_writer
 
-    def __init__(self, settings: Settings, host: str, port: int, workers: int) -> None:
-        self._args = (settings, host, port)
-        self._n = workers
+    setup_logging(settings.log_level)
+    uvloop.run(serve_writer(settings))
+
+
+Role = tuple[Callable[..., None], tuple[Any, ...]]
+
+
+def gateway_roles(settings: Settings, host: str, port: int, workers: int) -> list[Role]:
+    return [(worker_main, (settings, host, port))] * workers
+
+
+class Supervisor:
+    """Keeps one process per role running until stopped (SIGTERM/SIGINT)."""
+
+    def __init__(self, roles: list[Role]) -> None:
+        self._roles = roles
         self._ctx = multiprocessing.get_context("spawn")
         self._procs: list[BaseProcess] = []
         self._stopping = False
 
-    def _spawn(self) -> BaseProcess:
-        p = self._ctx.Process(target=worker_main, args=self._args, daemon=False)
+    def _spawn(self, role: Role) -> BaseProcess:
+        p = self._ctx.Process(target=role[0], args=role[1], daemon=False)
         p.start()
         return p
 
@@ -69,14 +84,14 @@ class Supervisor:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        self._procs = [self._spawn() for _ in range(self._n)]
+        self._procs = [self._spawn(r) for r in self._roles]
         while not self._stopping:
             wait([p.sentinel for p in self._procs], timeout=0.2)
             for i, p in enumerate(self._procs):
                 if not p.is_alive() and not self._stopping:
-                    log.error("worker %s exited with %s; restarting", p.pid, p.exitcode)
+                    log.error("process %s exited with %s; restarting", p.pid, p.exitcode)
                     time.sleep(0.2)
-                    self._procs[i] = self._spawn()
+                    self._procs[i] = self._spawn(self._roles[i])
         self.shutdown()
 
     def shutdown(self) -> None:

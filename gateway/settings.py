@@ -34,6 +34,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_max_connections: int = 64
     redis_timeout_s: float = 1.0
     log_level: str = "INFO"
+    backlog_max: int = 200_000  # unwritten grants per campaign before claims get 503
+    writer_batch: int = 1000
+    writer_max_deliveries: int = 5
+    writer_claim_idle_ms: int = 30_000  # reclaim a dead writer's entries after this long
+    writer_name: str = ""  # consumer name; default <host>-<pid>
+    fault: str = ""  # test-only fault points, e.g. writer_crash_after_commit
+    stream_retention_s: int = 7 * 24 * 3600  # keep acked events this long for subscribers
 
     @property
     def signing_key(self) -> bytes:

@@ -1,22 +1,23 @@
 -- claim(KEYS: meta, users, devices, phones, ips, grants, idem, idem_exp, events
---       | ARGV: campaign_id, changes_channel, idem_ttl_ms,
+--       | ARGV: campaign_id, changes_channel, idem_ttl_ms, backlog_max,
 --               then per claim: user, device_h, phone_h, ip, idem_key, channel)
 -- Decides a whole batch of claims of one campaign atomically, on Redis TIME.
 -- returns {now_ms, remaining, code1, data1, code2, data2, ...}; codes are
 -- gateway.domain.Outcome: 1 granted ("seq:ms"), 2 replayed ("seq:ms"), 3 sold_out,
 -- 4..7 limit user/device/phone/ip (the user's grants "seq:ms,..."), 8 not_started (starts ms),
--- 9 ended, 10 paused, 11 unknown campaign.
+-- 9 ended, 10 paused, 11 unknown campaign, 12 backlog (the store is behind: shed with 503).
+-- Each grant adds one to meta.unwritten; lua/ack.lua takes it off when the writer acks.
 local meta, users, devices, phones, ips, grants, idem, idem_exp, events =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local cid, channel, idem_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local FIELDS = 6
-local n = (#ARGV - 3) / FIELDS
+local cid, channel, idem_ttl, backlog_max = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local FIELDS, HEAD = 6, 4
+local n = (#ARGV - HEAD) / FIELDS
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local m = redis.call('HMGET', meta, 'status', 'starts', 'ends', 'per_user', 'per_device',
-  'per_phone', 'per_ip', 'remaining')
+  'per_phone', 'per_ip', 'remaining', 'unwritten')
 local out = {now, 0}
 
 local function all(code, data)
@@ -33,6 +34,7 @@ out[2] = remaining
 if m[1] == 'ended' or now >= tonumber(m[3]) then return all(9, '') end
 if m[1] == 'paused' then return all(10, '') end
 if now < tonumber(m[2]) then return all(8, m[2]) end
+if backlog_max > 0 and (tonumber(m[9]) or 0) >= backlog_max then return all(12, '') end
 
 local per_user = tonumber(m[4])
 local per_device, per_phone, per_ip = tonumber(m[5]), tonumber(m[6]), tonumber(m[7])
@@ -45,9 +47,9 @@ local function bump(key, field, limit)
   if limit > 0 and field ~= '' then redis.call('HINCRBY', key, field, 1) end
 end
 
-local sold_out_now = false
+local sold_out_now, granted = false, 0
 for i = 0, n - 1 do
-  local b = 3 + i * FIELDS
+  local b = HEAD + i * FIELDS
   local user, dev, phone, ip, ikey, chan =
     ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
   local ifield = user .. '\n' .. ikey
@@ -70,7 +72,7 @@ for i = 0, n - 1 do
     remaining = remaining - 1
     local seq = redis.call('HINCRBY', meta, 'seq', 1)
     data = seq .. ':' .. now
-    bump(users, user, per_user)
+    local nth = redis.call('HINCRBY', users, user, 1)
     bump(devices, dev, per_device)
     bump(phones, phone, per_phone)
     bump(ips, ip, per_ip)
@@ -81,9 +83,10 @@ for i = 0, n - 1 do
       redis.call('ZADD', idem_exp, now + idem_ttl, ifield)
     end
     redis.call('XADD', events, '*', 'v', '1', 'claim_id', cid .. '.' .. seq,
-      'campaign_id', cid, 'user_id', user, 'seq', seq, 'granted_at', now,
+      'campaign_id', cid, 'user_id', user, 'n', nth, 'seq', seq, 'granted_at', now,
       'device', dev, 'phone', phone, 'ip', ip, 'channel', chan)
     if remaining == 0 then sold_out_now = true end
+    granted = granted + 1
     code = 1
   end
   if code >= 4 and code <= 7 then data = redis.call('HGET', grants, user) or '' end
@@ -92,6 +95,7 @@ for i = 0, n - 1 do
 end
 
 redis.call('HSET', meta, 'remaining', remaining)
+if granted > 0 then redis.call('HINCRBY', meta, 'unwritten', granted) end
 out[2] = remaining
 if sold_out_now then redis.call('PUBLISH', channel, 'soldout ' .. cid) end
 

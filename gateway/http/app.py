@@ -9,9 +9,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.http import admin, claims, ops
@@ -20,25 +17,10 @@ from gateway.http.problems import problems_middleware
 from gateway.identity import Verifier, load_public_keys
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
+from gateway.redis.client import redis_client
 from gateway.redis.health import RedisHealth
 from gateway.redis.scripts import Scripts
 from gateway.settings import Settings
-
-
-def redis_client(settings: Settings) -> Redis:
-    """No automatic retries: re-sending a claim script after a timeout could grant twice."""
-    if not settings.redis_url:
-        raise RuntimeError("FLASHCLAIM_REDIS_URL is not set")
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        decode_responses=True,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return Redis(connection_pool=pool)
 
 
 def make_verifier(settings: Settings, clock: Callable[[], float]) -> Verifier:
@@ -62,7 +44,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             await scripts.load_all()
             health.scripts_loaded = True
         views = CampaignViews(client, clock)
-        batcher = ClaimBatcher(scripts, health, settings.idempotency_ttl_s * 1000)
+        batcher = ClaimBatcher(
+            scripts, health, settings.idempotency_ttl_s * 1000, settings.backlog_max
+        )
         app[GATEWAY] = Gateway(settings, client, scripts, health, views, batcher, verifier)
         task = asyncio.create_task(views.run())
         yield

@@ -19,6 +19,7 @@ class CampaignKeys(NamedTuple):
     idem: str  # hash "user\nkey" -> "seq:ms"
     idem_exp: str  # zset "user\nkey" by expiry ms
     events: str  # stream: the claim outbox
+    dead: str  # stream: events the writer gave up on, with the reason
 
     @classmethod
     def of(cls, campaign_id: str) -> CampaignKeys:

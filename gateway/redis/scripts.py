@@ -23,7 +23,8 @@ class Scripts:
         self._create = load("create")
         self._set_status = load("set_status")
         self._restock = load("restock")
-        self._all = (self._claim, self._create, self._set_status, self._restock)
+        self._ack = load("ack")
+        self._all = (self._claim, self._create, self._set_status, self._restock, self._ack)
         self._client = client
 
     async def load_all(self) -> None:
@@ -32,13 +33,14 @@ class Scripts:
             s.sha = await self._client.script_load(s.script)
 
     async def claim(
-        self, campaign_id: str, claims: Sequence[ClaimArgs], idem_ttl_ms: int
+        self, campaign_id: str, claims: Sequence[ClaimArgs], idem_ttl_ms: int, backlog_max: int
     ) -> list[Any]:
-        args: list[str | int] = [campaign_id, CHANGES, idem_ttl_ms]
+        args: list[str | int] = [campaign_id, CHANGES, idem_ttl_ms, backlog_max]
         for c in claims:
             args.extend(c)
-        keys = CampaignKeys.of(campaign_id)
-        result: list[Any] = await self._claim(keys=list(keys), args=args)
+        k = CampaignKeys.of(campaign_id)
+        keys = [k.meta, k.users, k.devices, k.phones, k.ips, k.grants, k.idem, k.idem_exp, k.events]
+        result: list[Any] = await self._claim(keys=keys, args=args)
         return result
 
     async def create(self, campaign_id: str, fields: Mapping[str, str | int]) -> bool:
@@ -56,3 +58,7 @@ class Scripts:
         keys = [CampaignKeys.of(campaign_id).meta]
         result = await self._restock(keys=keys, args=[CHANGES, campaign_id, quantity])
         return [int(x) for x in result]
+
+    async def ack(self, campaign_id: str, group: str, ids: Sequence[str]) -> int:
+        keys = CampaignKeys.of(campaign_id)
+        return int(await self._ack(keys=[keys.events, keys.meta], args=[group, *ids]))

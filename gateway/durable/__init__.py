@@ -1,0 +1,1 @@
+"""The durable side: claim store backends, the stream-to-store writer, reconciliation."""

@@ -1,0 +1,120 @@
+"""The embedded store: SQLite through aiosqlite, WAL with `synchronous=FULL`, so a
+committed batch survives a crash or a power loss."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiosqlite
+
+from gateway.domain import from_ms
+from gateway.durable.store import ClaimConflict, ClaimRow, StoreUnavailable
+
+MIGRATIONS = [
+    """
+    CREATE TABLE campaigns (
+        id TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE claims (
+        claim_id TEXT PRIMARY KEY,
+        campaign_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        granted_at TEXT NOT NULL,
+        device TEXT NOT NULL,
+        phone TEXT NOT NULL,
+        ip TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        codes TEXT NOT NULL,
+        stream_id TEXT NOT NULL,
+        UNIQUE (campaign_id, user_id, n),
+        UNIQUE (campaign_id, seq)
+    );
+    """,
+]
+
+INSERT = """
+INSERT INTO claims (claim_id, campaign_id, user_id, n, seq, granted_at, device, phone, ip,
+                    channel, codes, stream_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (claim_id) DO NOTHING
+"""
+
+
+def _values(r: ClaimRow) -> tuple[object, ...]:
+    e = r.event
+    return (e.claim_id, e.campaign_id, e.user_id, e.n, e.seq, from_ms(e.granted_at).isoformat(),
+            e.device, e.phone, e.ip, e.channel, json.dumps(r.codes), r.stream_id)
+
+
+class SQLiteStore:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: str) -> SQLiteStore:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        return cls(db)
+
+    async def migrate(self) -> None:
+        await self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+        async with self._db.execute("SELECT max(version) FROM schema_version") as cur:
+            row = await cur.fetchone()
+        current = (row[0] if row else None) or 0
+        for version, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+            await self._db.execute("BEGIN IMMEDIATE")
+            for statement in sql.split(";"):
+                if statement.strip():
+                    await self._db.execute(statement)
+            await self._db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+            await self._db.execute("COMMIT")
+
+    async def insert_claims(self, rows: Sequence[ClaimRow]) -> int:
+        try:
+            before = self._db.total_changes
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.executemany(INSERT, [_values(r) for r in rows])
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+            return self._db.total_changes - before
+        except sqlite3.IntegrityError as e:
+            raise ClaimConflict(str(e)) from e
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(str(e)) from e
+
+    async def save_campaign(self, campaign_id: str, spec_json: str) -> None:
+        await self._db.execute(
+            "INSERT INTO campaigns (id, spec, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
+            (campaign_id, spec_json, int(time.time() * 1000)),
+        )
+
+    async def claim_count(self, campaign_id: str) -> int:
+        async with self._db.execute(
+            "SELECT count(*) FROM claims WHERE campaign_id = ?", (campaign_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def claim_ids(self, campaign_id: str) -> set[str]:
+        async with self._db.execute(
+            "SELECT claim_id FROM claims WHERE campaign_id = ?", (campaign_id,)
+        ) as cur:
+            return {str(r[0]) async for r in cur}
+
+    async def close(self) -> None:
+        await self._db.close()

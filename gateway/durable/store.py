@@ -1,0 +1,63 @@
+"""The durable store's contract: a Protocol both backends (SQLite, PostgreSQL) implement,
+the row it stores, and its two failure kinds.
+
+    StoreError
+     ├── StoreUnavailable   the store cannot be reached: back off and retry the batch
+     └── ClaimConflict      a row breaks a unique key other than claim_id: Redis lost data
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+from gateway.events import ClaimEvent
+
+
+class StoreError(Exception):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    pass
+
+
+class ClaimConflict(StoreError):
+    pass
+
+
+class ClaimRow(msgspec.Struct, frozen=True):
+    event: ClaimEvent
+    codes: list[str]  # the grant's coupon codes
+    stream_id: str  # where it came from, for audits
+
+
+class Store(Protocol):
+    async def migrate(self) -> None:
+        """Create or upgrade the schema."""
+
+    async def insert_claims(self, rows: Sequence[ClaimRow]) -> int:
+        """Insert in one transaction, skipping claim ids already stored; returns rows added."""
+
+    async def save_campaign(self, campaign_id: str, spec_json: str) -> None:
+        """Upsert a campaign's spec, so Redis can be rebuilt from the store."""
+
+    async def claim_count(self, campaign_id: str) -> int: ...
+
+    async def claim_ids(self, campaign_id: str) -> set[str]: ...
+
+    async def close(self) -> None: ...
+
+
+async def open_store(url: str) -> Store:
+    if url.startswith("sqlite://"):
+        from gateway.durable.sqlite import SQLiteStore
+
+        return await SQLiteStore.open(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from gateway.durable.postgres import PostgresStore
+
+        return await PostgresStore.open(url)
+    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path or postgresql://...")

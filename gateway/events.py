@@ -1,0 +1,102 @@
+"""Claim events: the versioned record each grant appends to its campaign's stream (the
+outbox the writer drains and upstream services subscribe to), and `subscribe()`, an
+at-least-once async iterator over them for Python subscribers. Schema: docs/events.md."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from gateway.redis.keys import CampaignKeys
+
+EVENT_VERSION = 1
+
+
+class ClaimEvent(msgspec.Struct, frozen=True):
+    """One grant, version 1. `granted_at` is Redis TIME in ms; `device` and `phone` are
+    keyed hashes; `n` is this user's n-th grant in the campaign."""
+
+    v: int
+    claim_id: str
+    campaign_id: str
+    user_id: str
+    n: int
+    seq: int
+    granted_at: int
+    device: str = ""
+    phone: str = ""
+    ip: str = ""
+    channel: str = ""
+
+
+def decode_event(fields: dict[Any, Any]) -> ClaimEvent:
+    """Raises msgspec.ValidationError for an entry that is not a claim event."""
+    ev = msgspec.convert(fields, ClaimEvent, strict=False)
+    if ev.v != EVENT_VERSION:
+        raise msgspec.ValidationError(f"unsupported event version {ev.v}")
+    return ev
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def ensure_group(client: Redis, stream: str, group: str, from_start: bool) -> None:
+    try:
+        await client.xgroup_create(stream, group, id="0" if from_start else "$", mkstream=True)
+    except ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+@dataclass(frozen=True)
+class Delivery:
+    event: ClaimEvent
+    entry_id: str
+    _client: Redis
+    _stream: str
+    _group: str
+
+    async def ack(self) -> None:
+        await self._client.xack(self._stream, self._group, self.entry_id)
+
+
+async def subscribe(
+    client: Redis,
+    campaign_id: str,
+    group: str,
+    *,
+    consumer: str | None = None,
+    from_start: bool = False,
+    batch: int = 100,
+    block_ms: int = 1000,
+) -> AsyncIterator[Delivery]:
+    """Yields the campaign's claim events in stream order through consumer group `group`:
+    first this consumer's unacknowledged ones, then new ones. Ack each after handling it;
+    an unacked event comes again (dedupe on `claim_id`)."""
+    stream = CampaignKeys.of(campaign_id).events
+    consumer = consumer or consumer_name()
+    await ensure_group(client, stream, group, from_start)
+    cursor = "0"  # our own pending entries first
+    while True:
+        block = None if cursor == "0" else block_ms
+        reply: Any = await client.xreadgroup(
+            group, consumer, {stream: cursor}, count=batch, block=block
+        )
+        entries: list[Any] = reply[0][1] if reply else []
+        if cursor == "0" and not entries:
+            cursor = ">"
+            continue
+        for entry_id, fields in entries:
+            if fields:
+                yield Delivery(decode_event(fields), str(entry_id), client, stream, group)
+        if cursor == "0" and entries:
+            # pending entries not acked by the caller would be re-read forever; move on
+            cursor = ">"
