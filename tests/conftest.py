@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.servers import Gateway, RedisServer
+from tests.servers import Gateway, RedisServer, create_pg_database, drop_pg_database
 
 _ids = itertools.count(1)
 
@@ -84,3 +84,11 @@ async def claim(
 @pytest.fixture
 def tmp_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+    url = create_pg_database()
+    yield url
+    drop_pg_database(url)

@@ -81,7 +81,9 @@ class RedisServer:
 class Gateway:
     """`flashclaim serve` with its own secrets, against a given Redis URL."""
 
-    def __init__(self, redis_url: str, workdir: Path, *, workers: int = 2) -> None:
+    def __init__(
+        self, redis_url: str, workdir: Path, *, workers: int = 2, **env: str
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.admin_token = secrets.token_urlsafe(16)
@@ -99,6 +101,7 @@ class Gateway:
             "FLASHCLAIM_VAR_DIR": str(self.dir / "var"),
             "FLASHCLAIM_URL": self.base,
             "FLASHCLAIM_LOG_LEVEL": "WARNING",
+            **{f"FLASHCLAIM_{k.upper()}": v for k, v in env.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -148,3 +151,80 @@ class Gateway:
     @property
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
+
+
+class Writer:
+    """`flashclaim writer` as a subprocess, sharing a gateway's secrets; SIGKILL-able."""
+
+    def __init__(self, gateway: Gateway, store_url: str, **env: str) -> None:
+        self.dir = gateway.dir
+        self.env = {
+            **gateway.env,
+            "FLASHCLAIM_STORE_URL": store_url,
+            "FLASHCLAIM_WRITER_CLAIM_IDLE_MS": "1000",
+            **{f"FLASHCLAIM_{k.upper()}": v for k, v in env.items()},
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, **env: str) -> None:
+        extra = {f"FLASHCLAIM_{k.upper()}": v for k, v in env.items()}
+        with open(self.dir / "writer.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "writer"],
+                env={**self.env, **extra}, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def create_pg_database() -> str:
+    """A fresh database on the local PostgreSQL; fails loudly when the server is not there."""
+    import asyncio
+
+    import asyncpg
+
+    name = f"flashclaim_test_{secrets.token_hex(6)}"
+
+    async def go() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    name = url.rsplit("/", 1)[1]
+
+    async def go() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
