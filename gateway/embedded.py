@@ -12,8 +12,9 @@ import redis
 
 
 class EmbeddedRedis:
-    def __init__(self, var_dir: Path) -> None:
+    def __init__(self, var_dir: Path, appendfsync: str = "always") -> None:
         self.dir = var_dir.resolve()
+        self.appendfsync = appendfsync
         self.socket = self.dir / "redis.sock"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -29,7 +30,7 @@ class EmbeddedRedis:
         self.socket.unlink(missing_ok=True)
         args = [
             exe, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-            "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
+            "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,
             "--no-appendfsync-on-rewrite", "no", "--save", "", "--maxmemory-policy", "noeviction",
             "--logfile", str(self.dir / "redis.log"), "--daemonize", "no",
         ]

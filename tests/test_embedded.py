@@ -97,5 +97,16 @@ def test_run_and_walkthrough(embedded: tuple[Path, str, dict[str, str]]) -> None
     assert json.loads(_cli(cwd, env, "campaign", "end", "tea"))["status"] == "ended"
     assert _curl(claims, c, "POST")[1]["code"] == "ended"
 
+    # the writer runs alongside: the store catches up and reconcile agrees
+    deadline = time.monotonic() + 20
+    while (out := _cli(cwd, env, "reconcile", "--campaign", "tea")).splitlines()[-1].split()[5] \
+            != "3":  # the `stored` column
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
+    assert out.splitlines()[-1].endswith("ok")
+    events = _cli(cwd, env, "tail", "--campaign", "tea", "--from-start", "--count", "3")
+    assert [json.loads(line)["user_id"] for line in events.splitlines()] == [
+        "alice", "bob", "carol"]
+
     demo = base + "/v1/campaigns/demo/claims"
     assert _curl(demo, a, "POST")[0] == 201

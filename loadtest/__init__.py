@@ -1,0 +1,1 @@
+"""Load testing: the benchmark harness (bench.py) and, later, Locust scenarios."""

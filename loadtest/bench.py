@@ -1,0 +1,213 @@
+"""The benchmark harness: starts a private redis-server, `flashclaim serve --workers N` and
+a hello endpoint served the same way; drives each with wrk (distinct users, one token per
+request) in three phases — hello, granting, sold out — and prints req/s, p50, p99, Redis
+round trips per claim and the ratio to hello; medians over runs; writes JSON.
+
+    .venv/bin/python -m loadtest.bench --workers 2 --runs 3 --duration 10
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from gateway.embedded import EmbeddedRedis
+from gateway.identity import mint_token
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def admin(base: str, token: str, path: str, body: Any) -> Any:
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m, text
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, duration: int, connections: int, script: Path | None = None,
+        args: list[str] | None = None) -> dict[str, float]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if script is not None:
+        cmd += ["-s", str(script), url, "--", *(args or [])]
+    else:
+        cmd += ["-s", str(HERE / "wrk" / "post.lua"), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": total,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": errors.group(1) if errors else ""}  # type: ignore[dict-item]
+
+
+def commandstats(r: redis.Redis) -> dict[str, int]:
+    info: Any = r.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+@click.command()
+@click.option("--workers", default=2, show_default=True)
+@click.option("--runs", default=3, show_default=True)
+@click.option("--duration", default=10, show_default=True, help="Seconds per phase.")
+@click.option("--connections", default=64, show_default=True)
+@click.option("--fsync", default="everysec", show_default=True, type=click.Choice(
+    ["always", "everysec"]))
+@click.option("--tokens", "n_tokens", default=300_000, show_default=True)
+@click.option("--label", default="", help="Name for the results file.")
+def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
+         n_tokens: int, label: str) -> None:
+    if shutil.which("wrk") is None:
+        raise click.ClickException("wrk is missing (Debian: apt-get install wrk)")
+    tmp = Path(tempfile.mkdtemp(prefix="flashclaim-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    embedded = EmbeddedRedis(tmp / "redis", appendfsync=fsync)
+    embedded.start()
+    try:
+        admin_token, secret = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLASHCLAIM_")},
+               "FLASHCLAIM_REDIS_URL": embedded.url, "FLASHCLAIM_ADMIN_TOKEN": admin_token,
+               "FLASHCLAIM_IDENTITY_SECRET": secret,
+               "FLASHCLAIM_SIGNING_SECRET": secrets.token_urlsafe(24),
+               "FLASHCLAIM_BACKLOG_MAX": "0", "FLASHCLAIM_VAR_DIR": str(tmp / "var"),
+               "FLASHCLAIM_LOG_LEVEL": "WARNING"}
+        gport, hport = free_port(), free_port()
+        log = (tmp / "serve.log").open("wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(gport),
+             "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "loadtest.hello", str(hport), str(workers)], env=env,
+            stdout=log, stderr=subprocess.STDOUT))
+        gbase, hbase = f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{hport}"
+        wait_http(gbase + "/readyz")
+        wait_http(hbase + "/hello")
+        click.echo(f"minting {n_tokens} identity tokens ...", err=True)
+        tokens = tmp / "tokens.txt"
+        with tokens.open("w") as f:
+            for i in range(n_tokens):
+                f.write(mint_token(secret, f"u{i}", ttl_s=7200) + "\n")
+        r = redis.Redis(unix_socket_path=str(embedded.socket), decode_responses=True)
+        now = dt.datetime.now(dt.UTC)
+        window = {"starts_at": (now - dt.timedelta(minutes=1)).isoformat(),
+                  "ends_at": (now + dt.timedelta(hours=6)).isoformat(),
+                  "coupons": [{"kind": "amount_off", "value": 500, "valid_days": 7}]}
+        admin(gbase, admin_token, "/v1/campaigns",
+              {"id": "soldout", "name": "sold out", "stock": 1, **window})
+        first = mint_token(secret, "first-buyer")
+        urllib.request.urlopen(urllib.request.Request(
+            gbase + "/v1/campaigns/soldout/claims", data=b"{}", method="POST",
+            headers={"Authorization": f"Bearer {first}"}), timeout=5).close()
+        script = HERE / "wrk" / "claims.lua"
+        rows: list[dict[str, Any]] = []
+        for run in range(runs):
+            cid = f"grant-{run}"
+            admin(gbase, admin_token, "/v1/campaigns",
+                  {"id": cid, "name": "granting", "stock": 100_000_000, **window})
+            time.sleep(1.0)
+            hello = wrk(hbase + "/hello", duration, connections)
+            before = commandstats(r)
+            grant = wrk(gbase, duration, connections, script,
+                        [str(tokens), f"/v1/campaigns/{cid}/claims"])
+            after = commandstats(r)
+            granted = int(r.hget(f"fc:{{c:{cid}}}:meta", "seq") or 0)
+            evalsha = after.get("evalsha", 0) - before.get("evalsha", 0)
+            allcmd = sum(after.values()) - sum(before.values())
+            sold = wrk(gbase, duration, connections, script,
+                       [str(tokens), "/v1/campaigns/soldout/claims"])
+            row = {"run": run, "hello": hello, "grant": grant, "soldout": sold,
+                   "granted": granted,
+                   "evalsha_per_claim": evalsha / max(grant["requests"], 1),
+                   "redis_cmds_per_claim": allcmd / max(grant["requests"], 1),
+                   "grant_ratio": grant["rps"] / hello["rps"],
+                   "soldout_ratio": sold["rps"] / hello["rps"]}
+            rows.append(row)
+            click.echo(f"run {run}: hello {hello['rps']:.0f}/s  grant {grant['rps']:.0f}/s "
+                       f"({row['grant_ratio']:.2f}x, {row['evalsha_per_claim']:.3f} EVALSHA/claim)"
+                       f"  sold out {sold['rps']:.0f}/s ({row['soldout_ratio']:.2f}x)", err=True)
+        r.close()
+        med = {k: statistics.median(row[k] for row in rows) for k in
+               ("grant_ratio", "soldout_ratio", "evalsha_per_claim", "redis_cmds_per_claim")}
+        for phase in ("hello", "grant", "soldout"):
+            for k in ("rps", "p50_ms", "p99_ms"):
+                med[f"{phase}_{k}"] = statistics.median(row[phase][k] for row in rows)
+        result = {"when": dt.datetime.now(dt.UTC).isoformat(), "workers": workers,
+                  "connections": connections, "duration_s": duration, "fsync": fsync,
+                  "command": " ".join(sys.argv), "median": med, "runs": rows}
+        RESULTS.mkdir(exist_ok=True)
+        name = f"bench-{label or dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(render(med, workers, connections))
+        click.echo(f"\nwritten to loadtest/results/{name}")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(15)
+        embedded.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def render(m: dict[str, float], workers: int, connections: int) -> str:
+    lines = [f"medians, {workers} workers, wrk -t1 -c{connections}",
+             f"{'phase':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x hello':>8}"]
+    for phase, ratio in (("hello", 1.0), ("grant", m["grant_ratio"]),
+                         ("soldout", m["soldout_ratio"])):
+        lines.append(f"{phase:<10} {m[f'{phase}_rps']:>9.0f} {m[f'{phase}_p50_ms']:>8.2f} "
+                     f"{m[f'{phase}_p99_ms']:>8.2f} {ratio:>8.2f}")
+    lines.append(f"Redis EVALSHA per claim: {m['evalsha_per_claim']:.3f}; all Redis commands "
+                 f"per claim: {m['redis_cmds_per_claim']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
