@@ -2,7 +2,7 @@
 --       | ARGV: campaign_id, changes_channel, idem_ttl_ms, backlog_max,
 --               then per claim: user, device_h, phone_h, ip, idem_key, channel)
 -- Decides a whole batch of claims of one campaign atomically, on Redis TIME.
--- returns {now_ms, remaining, code1, data1, code2, data2, ...}; codes are
+-- returns {now_ms, remaining, version, code1, data1, code2, data2, ...}; codes are
 -- gateway.domain.Outcome: 1 granted ("seq:ms"), 2 replayed ("seq:ms"), 3 sold_out,
 -- 4..7 limit user/device/phone/ip (the user's grants "seq:ms,..."), 8 not_started (starts ms),
 -- 9 ended, 10 paused, 11 unknown campaign, 12 backlog (the store is behind: shed with 503).
@@ -17,8 +17,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local m = redis.call('HMGET', meta, 'status', 'starts', 'ends', 'per_user', 'per_device',
-  'per_phone', 'per_ip', 'remaining', 'unwritten')
-local out = {now, 0}
+  'per_phone', 'per_ip', 'remaining', 'unwritten', 'version')
+local out = {now, 0, tonumber(m[10]) or 0}
 
 local function all(code, data)
   for _ = 1, n do

@@ -83,7 +83,7 @@ def grant_response(gw: Gateway, spec: CampaignSpec, user_id: str, record: str) -
 
 def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.Response:
     cid = state.id
-    gw.views.observe_remaining(cid, v.remaining)
+    gw.views.observe_remaining(cid, v.remaining, v.version)
     match v.outcome:
         case Outcome.GRANTED | Outcome.REPLAYED:
             return grant_response(gw, state.spec, user_id, v.data)

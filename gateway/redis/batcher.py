@@ -26,6 +26,7 @@ class Verdict(NamedTuple):
     data: str  # "seq:ms" for grants; the user's grants for limits; starts ms for not_started
     now_ms: int  # Redis TIME of the decision
     remaining: int  # stock left after the batch
+    version: int  # the campaign's meta version the batch saw
 
 
 def redis_unavailable() -> Unavailable:
@@ -83,11 +84,13 @@ class ClaimBatcher:
                     fut.set_exception(redis_unavailable())
             return
         self._health.ok()
-        now_ms, remaining = int(raw[0]), int(raw[1])
+        now_ms, remaining, version = int(raw[0]), int(raw[1]), int(raw[2])
         for i, (_, fut) in enumerate(items):
             if not fut.done():
-                code, data = raw[2 + 2 * i], raw[3 + 2 * i]
-                fut.set_result(Verdict(Outcome(int(code)), str(data), now_ms, remaining))
+                code, data = raw[3 + 2 * i], raw[4 + 2 * i]
+                fut.set_result(
+                    Verdict(Outcome(int(code)), str(data), now_ms, remaining, version)
+                )
 
     async def close(self) -> None:
         if self._tasks:

@@ -98,10 +98,11 @@ class CampaignViews:
             self._states[campaign_id] = state
         return state
 
-    def observe_remaining(self, campaign_id: str, remaining: int) -> None:
-        """A claim verdict told us the stock left; a sold-out flag needs no pub/sub."""
+    def observe_remaining(self, campaign_id: str, remaining: int, version: int) -> None:
+        """A claim verdict told us the stock left; a sold-out flag needs no pub/sub. A verdict
+        from before a restock (an older meta version) must not close the campaign again."""
         state = self._states.get(campaign_id)
-        if state is not None and remaining < state.remaining:
+        if state is not None and version >= state.version and remaining < state.remaining:
             state.remaining = remaining
 
     def forget(self, campaign_id: str) -> None:
@@ -132,7 +133,9 @@ class CampaignViews:
     async def _on_message(self, data: str) -> None:
         kind, _, cid = data.partition(" ")
         if kind == "soldout":
-            self.observe_remaining(cid, 0)
+            state = self._states.get(cid)
+            if state is not None:
+                self.observe_remaining(cid, 0, state.version)
         elif kind == "changed":
             self._absent.pop(cid, None)
             if cid in self._states:
