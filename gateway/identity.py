@@ -59,6 +59,8 @@ class Verifier:
         self._pii_key = pii_key
         self._clock = clock
         self._cache: dict[str, tuple[Identity, float]] = {}
+        # one issuer's tokens share their header segment: parse and match it once
+        self._header_keys: dict[str, tuple[Any, str]] = {}
 
     def verify(self, authorization: str | None) -> Identity:
         if not authorization or not authorization.startswith("Bearer "):
@@ -75,6 +77,16 @@ class Verifier:
         return identity
 
     def _key_for(self, token: str) -> tuple[Any, str]:
+        segment = token.partition(".")[0]
+        found = self._header_keys.get(segment)
+        if found is None:
+            found = self._match_key(token)
+            if len(self._header_keys) >= 64:
+                self._header_keys.clear()
+            self._header_keys[segment] = found
+        return found
+
+    def _match_key(self, token: str) -> tuple[Any, str]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as e:
