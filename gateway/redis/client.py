@@ -23,4 +23,4 @@ def redis_client(settings: Settings, max_connections: int | None = None) -> Redi
         decode_responses=True,
         retry=Retry(NoBackoff(), 0),
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns, and closes, its pool
