@@ -62,6 +62,14 @@ async def load_state(gw: Gateway, cid: str) -> CampaignState:
     return state
 
 
+async def fresh_state(gw: Gateway, cid: str) -> CampaignState:
+    """Reload into this worker's view too, so it serves its own write at once."""
+    state = await gw.views.load(cid)
+    if state is None:
+        raise errors.NotFound(f"No campaign {cid!r}")
+    return state
+
+
 def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
     lim = spec.limits
     return {
@@ -119,7 +127,7 @@ async def _set_status(request: web.Request, status: str) -> web.Response:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be {status} again")
-    return json_response(info(await load_state(gw, cid)))
+    return json_response(info(await fresh_state(gw, cid)))
 
 
 async def pause(request: web.Request) -> web.Response:
@@ -143,7 +151,7 @@ async def restock(request: web.Request) -> web.Response:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result[0] < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be restocked")
-    return json_response(info(await load_state(gw, cid)))
+    return json_response(info(await fresh_state(gw, cid)))
 
 
 def add_routes(app: web.Application) -> None:

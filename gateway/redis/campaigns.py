@@ -131,11 +131,21 @@ class CampaignViews:
                 self._states[cid] = state
 
     async def _on_message(self, data: str) -> None:
-        kind, _, cid = data.partition(" ")
+        kind, _, rest = data.partition(" ")
+        cid, *args = rest.split(" ")
+        state = self._states.get(cid)
         if kind == "soldout":
-            state = self._states.get(cid)
             if state is not None:
                 self.observe_remaining(cid, 0, state.version)
+        elif kind in ("status", "restock"):
+            # applied on receipt: the new numbers travel in the message
+            version = int(args[0])
+            if state is not None and version > state.version:
+                state.version = version
+                if kind == "status":
+                    state.status = args[1]
+                else:
+                    state.remaining, state.total = int(args[1]), int(args[2])
         elif kind == "changed":
             self._absent.pop(cid, None)
             if cid in self._states:

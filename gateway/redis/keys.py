@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 CAMPAIGNS = "fc:campaigns"  # set of campaign ids, for listing
-CHANGES = "fc:changes"  # pub/sub channel: "changed <id>" | "soldout <id>"
+# pub/sub channel: "changed <id>" | "soldout <id>" | "status <id> <version> <status>"
+#                 | "restock <id> <version> <remaining> <total>"
+CHANGES = "fc:changes"
 
 
 class CampaignKeys(NamedTuple):
