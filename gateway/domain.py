@@ -3,7 +3,6 @@ coupon codes. Values in, values out; no I/O, no aiohttp or redis imports."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import hmac
@@ -202,18 +201,17 @@ def claim_id(campaign_id: str, seq: int) -> str:
 
 def _mac(key: bytes, campaign_id: str, seq: int, index: int, user_id: str) -> str:
     msg = f"{campaign_id}\x00{seq}\x00{index}\x00{user_id}".encode()
-    digest = hmac.new(key, msg, hashlib.sha256).digest()[:10]
-    return base64.b32encode(digest).decode()
+    return hmac.digest(key, msg, "sha256")[:10].hex().upper()
 
 
 def coupon_code(key: bytes, campaign_id: str, seq: int, index: int, user_id: str) -> str:
-    """`<seq>-<index>-<16 base32 chars of HMAC>`: unique by (seq, index), bound to the user,
-    unforgeable without the key."""
+    """`<seq>-<index>-<20 hex digits of HMAC>`: unique by (seq, index), bound to the user,
+    unforgeable without the key (80 bits)."""
     return f"{seq}-{index}-{_mac(key, campaign_id, seq, index, user_id)}"
 
 
 # the canonical form only (ASCII digits, no leading zeros), so one coupon has one spelling
-_CODE = re.compile(r"(0|[1-9][0-9]{0,17})-(0|[1-9][0-9]{0,3})-([A-Z2-7]{16})", re.ASCII)
+_CODE = re.compile(r"(0|[1-9][0-9]{0,17})-(0|[1-9][0-9]{0,3})-([0-9A-F]{20})", re.ASCII)
 
 
 def verify_coupon_code(key: bytes, campaign_id: str, user_id: str, code: str) -> bool:

@@ -4,6 +4,7 @@ and mint development tokens."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -54,7 +55,11 @@ class Verifier:
         pii_key: bytes,
         clock: Any = time.time,
     ) -> None:
-        self._secret = secret
+        # a PyJWK's key is prepared once, not on every decode
+        self._secret = jwt.PyJWK({
+            "kty": "oct", "alg": "HS256",
+            "k": base64.urlsafe_b64encode(secret.encode()).rstrip(b"=").decode(),
+        }) if secret else None
         self._keys = public_keys
         self._pii_key = pii_key
         self._clock = clock
@@ -92,7 +97,7 @@ class Verifier:
         except jwt.PyJWTError as e:
             raise Unauthorized(f"Malformed identity token: {e}") from None
         alg = header.get("alg")
-        if alg == "HS256" and self._secret:
+        if alg == "HS256" and self._secret is not None:
             return self._secret, "HS256"
         kid = header.get("kid")
         for k in self._keys:

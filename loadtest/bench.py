@@ -71,17 +71,14 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def wrk(url: str, duration: int, connections: int, script: Path | None = None,
-        args: list[str] | None = None) -> dict[str, float]:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
-    if script is not None:
-        cmd += ["-s", str(script), url, "--", *(args or [])]
-    else:
-        cmd += ["-s", str(HERE / "wrk" / "post.lua"), url]
+def wrk(url: str, duration: int, connections: int, script: Path,
+        args: list[str]) -> dict[str, float]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
+           url, "--", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
@@ -154,7 +151,9 @@ def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
             admin(gbase, admin_token, "/v1/campaigns",
                   {"id": cid, "name": "granting", "stock": 100_000_000, **window})
             time.sleep(1.0)
-            hello = wrk(hbase + "/hello", duration, connections)
+            # the same wrk script as the claims (one token per request), so the load
+            # generator does the same work per request in every phase
+            hello = wrk(hbase, duration, connections, script, [str(tokens), "/hello"])
             before = commandstats(r)
             grant = wrk(gbase, duration, connections, script,
                         [str(tokens), f"/v1/campaigns/{cid}/claims"])

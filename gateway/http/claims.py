@@ -19,6 +19,7 @@ from gateway.domain import (
 from gateway.errors import Problem
 from gateway.http.body import decode, read_capped
 from gateway.http.context import GATEWAY, Gateway
+from gateway.http.problems import shared_problem_response
 from gateway.redis.batcher import Verdict, redis_unavailable
 from gateway.redis.campaigns import CampaignState
 from gateway.redis.keys import CampaignKeys
@@ -123,10 +124,13 @@ async def campaign(gw: Gateway, cid: str) -> CampaignState:
 
 async def post_claim(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    state = await campaign(gw, request.match_info["id"])
+    cid = request.match_info["id"]
+    state = gw.views.cached(cid) or await campaign(gw, cid)
     early = campaign_wide(state, gw.views.redis_now_ms())
     if early is not None:
-        raise early
+        if isinstance(early, errors.NotStarted):
+            raise early
+        return shared_problem_response(early, cid)
     who = gw.verifier.verify(request.headers.get("Authorization"))
     body = await read_capped(request, gw.settings.claim_body_max)
     req = decode(claim_request_decoder, body, empty=_EMPTY)

@@ -77,6 +77,10 @@ class CampaignViews:
             return None
         return int(self._clock() * 1000 + self._offset_ms)
 
+    def cached(self, campaign_id: str) -> CampaignState | None:
+        """The hot path: memory only."""
+        return self._states.get(campaign_id)
+
     async def get(self, campaign_id: str) -> CampaignState | None:
         state = self._states.get(campaign_id)
         if state is not None:
