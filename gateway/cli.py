@@ -52,6 +52,7 @@ def serve(host: str, port: int, workers: int) -> None:
         missing.append("FLASHCLAIM_IDENTITY_SECRET or FLASHCLAIM_IDENTITY_PUBLIC_KEYS")
     if missing:
         raise click.UsageError("set " + ", ".join(missing))
+    _metrics_dir(settings)
     Supervisor(gateway_roles(settings, host, port, workers)).run()
 
 
@@ -63,6 +64,14 @@ def writer() -> None:
     if not settings.redis_url or not settings.signing_secret:
         raise click.UsageError("set FLASHCLAIM_REDIS_URL and FLASHCLAIM_SIGNING_SECRET")
     writer_main(settings)
+
+
+def _metrics_dir(settings: Settings) -> None:
+    """One multiprocess metrics directory for this supervisor's processes, emptied first."""
+    from gateway.metrics import prepare_multiprocess_dir
+
+    path = settings.metrics_dir or str(Path(settings.var_dir) / "metrics")
+    prepare_multiprocess_dir(Path(path))
 
 
 def _embedded_config(settings: Settings, port: int) -> dict[str, str]:
@@ -130,6 +139,7 @@ def run(port: int, workers: int, demo: bool) -> None:
         identity_secret=settings.identity_secret or saved["FLASHCLAIM_IDENTITY_SECRET"],
         signing_secret=settings.signing_secret or saved["FLASHCLAIM_SIGNING_SECRET"],
     )
+    _metrics_dir(settings)
     base = f"http://127.0.0.1:{port}"
     click.echo(f"""
 flashclaim is running on {base} with {workers} workers

@@ -34,6 +34,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_max_connections: int = 64
     redis_timeout_s: float = 1.0
     log_level: str = "INFO"
+    metrics_dir: str = ""  # prometheus multiprocess files; default <var_dir>/metrics
     backlog_max: int = 200_000  # unwritten grants per campaign before claims get 503
     writer_batch: int = 1000
     writer_max_deliveries: int = 5

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from gateway.domain import CampaignSpec, coupon_code
 from gateway.durable.store import ClaimConflict, ClaimRow, Store, StoreUnavailable
 from gateway.events import decode_event, ensure_group
+from gateway.metrics import WRITER_DEAD, WRITER_ERRORS, WRITER_WRITTEN
 from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.redis.scripts import Scripts
 from gateway.settings import Settings
@@ -124,6 +125,7 @@ class CampaignDrain:
                 self.backoff.reset()
             except (StoreUnavailable, RedisError, OSError) as e:
                 self.w.errors += 1
+                WRITER_ERRORS.labels("store" if isinstance(e, StoreUnavailable) else "redis").inc()
                 delay = self.backoff.next()
                 log.warning("writer %s: %r; retrying in %.2fs", self.cid, e, delay)
                 cursor = "0"
@@ -170,12 +172,12 @@ class CampaignDrain:
                 bad.append((entry_id, fields, f"undecodable: {e}"))
         if rows:
             try:
-                self.w.written += await self.w.store.insert_claims(rows)
+                self._written(await self.w.store.insert_claims(rows))
                 done.extend(r.stream_id for r in rows)
             except ClaimConflict:
                 for r in rows:  # isolate the rows that clash
                     try:
-                        self.w.written += await self.w.store.insert_claims([r])
+                        self._written(await self.w.store.insert_claims([r]))
                         done.append(r.stream_id)
                     except ClaimConflict as e:
                         log.error("CLAIM CONFLICT in %s (%s): Redis may have lost data: %s",
@@ -190,6 +192,7 @@ class CampaignDrain:
                 await self.w.client.xadd(self.keys.dead, {
                     **fields, "dead_entry_id": entry_id, "dead_reason": reason[:500]})
                 self.w.dead_lettered += 1
+                WRITER_DEAD.labels(self.cid).inc()
                 log.error("dead-lettered %s %s: %s", self.cid, entry_id, reason)
                 done.append(entry_id)
             else:
@@ -197,6 +200,10 @@ class CampaignDrain:
         if done:
             await self.w.scripts.ack(self.cid, GROUP, done)
         return left
+
+    def _written(self, n: int) -> None:
+        self.w.written += n
+        WRITER_WRITTEN.labels(self.cid).inc(n)
 
     async def _deliveries(self, entry_id: str) -> int:
         info: Any = await self.w.client.xpending_range(

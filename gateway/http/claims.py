@@ -20,6 +20,7 @@ from gateway.errors import Problem
 from gateway.http.body import decode, read_capped
 from gateway.http.context import GATEWAY, Gateway
 from gateway.http.problems import shared_problem_response
+from gateway.metrics import count_claim
 from gateway.redis.batcher import Verdict, redis_unavailable
 from gateway.redis.campaigns import CampaignState
 from gateway.redis.keys import CampaignKeys
@@ -123,14 +124,30 @@ async def campaign(gw: Gateway, cid: str) -> CampaignState:
 
 
 async def post_claim(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    """Counts every answer in flashclaim_claims_total{campaign, outcome}."""
     cid = request.match_info["id"]
+    try:
+        resp = await _claim(request, cid)
+    except errors.NotFound:
+        count_claim("_unknown", errors.NotFound.code)  # ids from outside: no label per id
+        raise
+    except Problem as p:
+        count_claim(cid, p.code)
+        raise
+    count_claim(cid, "granted" if resp.status == 201 else resp["code"])
+    return resp
+
+
+async def _claim(request: web.Request, cid: str) -> web.Response:
+    gw = request.app[GATEWAY]
     state = gw.views.cached(cid) or await campaign(gw, cid)
     early = campaign_wide(state, gw.views.redis_now_ms())
     if early is not None:
         if isinstance(early, errors.NotStarted):
             raise early
-        return shared_problem_response(early, cid)
+        resp = shared_problem_response(early, cid)
+        resp["code"] = early.code
+        return resp
     who = gw.verifier.verify(request.headers.get("Authorization"))
     body = await read_capped(request, gw.settings.claim_body_max)
     req = decode(claim_request_decoder, body, empty=_EMPTY)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
 from redis.exceptions import RedisError
 
+from gateway import metrics
 from gateway.errors import Unavailable
 from gateway.http.admin import require_admin
 from gateway.http.context import GATEWAY
@@ -48,3 +50,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/openapi-admin.json", openapi_admin)
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry()))

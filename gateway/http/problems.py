@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -15,6 +16,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.errors import BadRequest, Problem, Unavailable, Unprocessable
+from gateway.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from gateway.schemas import ProblemDocument, encoder
 
 log = logging.getLogger("gateway.http")
@@ -90,8 +92,14 @@ class _HttpProblem(Problem):
         self.title = e.reason  # type: ignore[misc]
 
 
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
 @web.middleware
 async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
     rid = request.headers.get("X-Request-Id", "")
     if not _valid_rid.match(rid):
         rid = f"{_prefix}-{next(_ids):x}"
@@ -111,4 +119,7 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         log.exception("unexpected error request_id=%s %s %s", rid, request.method, request.path)
         resp = problem_response(Problem("An unexpected error occurred"), rid)
     resp.headers["X-Request-Id"] = rid
+    route = _route(request)
+    HTTP_REQUESTS.labels(route, resp.status).inc()
+    HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
     return resp

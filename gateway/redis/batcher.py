@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import NamedTuple
 
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.domain import Outcome
 from gateway.errors import Unavailable
+from gateway.metrics import REDIS_BATCH, REDIS_ERRORS, REDIS_ROUNDTRIP
 from gateway.redis.health import RedisHealth
 from gateway.redis.scripts import ClaimArgs, Scripts
 
@@ -69,12 +71,14 @@ class ClaimBatcher:
     async def _run(
         self, campaign_id: str, items: list[tuple[ClaimArgs, asyncio.Future[Verdict]]]
     ) -> None:
+        started = time.perf_counter()
         try:
             raw = await self._scripts.claim(
                 campaign_id, [c for c, _ in items], self._idem_ttl_ms, self._backlog_max
             )
         except (RedisError, OSError) as e:
             self._health.failed()
+            REDIS_ERRORS.labels(type(e).__name__).inc()
             if isinstance(e, ResponseError) and not str(e).startswith(_TRANSIENT):
                 log.error("claim script error for %s: %r", campaign_id, e)
             else:
@@ -84,6 +88,8 @@ class ClaimBatcher:
                     fut.set_exception(redis_unavailable())
             return
         self._health.ok()
+        REDIS_ROUNDTRIP.observe(time.perf_counter() - started)
+        REDIS_BATCH.observe(len(items))
         now_ms, remaining, version = int(raw[0]), int(raw[1]), int(raw[2])
         for i, (_, fut) in enumerate(items):
             if not fut.done():

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.domain import CampaignSpec
+from gateway.metrics import STOCK_REMAINING, STOCK_TOTAL, WRITER_BACKLOG
 from gateway.redis.keys import CHANGES, CampaignKeys
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class CampaignState:
     total: int
     claimed: int
     version: int
+    unwritten: int
 
     @property
     def sold_out(self) -> bool:
@@ -56,6 +58,7 @@ def parse_meta(campaign_id: str, meta: Mapping[Any, Any]) -> CampaignState | Non
         total=int(meta["total"]),
         claimed=int(meta.get("seq", 0)),
         version=int(meta.get("version", 0)),
+        unwritten=int(meta.get("unwritten", 0)),
     )
 
 
@@ -133,6 +136,9 @@ class CampaignViews:
                 self._states.pop(cid, None)
             else:
                 self._states[cid] = state
+                STOCK_TOTAL.labels(cid).set(state.total)
+                STOCK_REMAINING.labels(cid).set(max(state.remaining, 0))
+                WRITER_BACKLOG.labels(cid).set(state.unwritten)
 
     async def _on_message(self, data: str) -> None:
         kind, _, rest = data.partition(" ")

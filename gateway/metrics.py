@@ -1,0 +1,75 @@
+"""Every metric, declared once. prometheus-client in multiprocess mode when the CLI has set
+PROMETHEUS_MULTIPROC_DIR (serve/run with several workers), so `/metrics` on any worker
+answers for all of them. Labels stay low-cardinality: campaign, outcome, route, status —
+never a user id or an address."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+)
+from prometheus_client.registry import Collector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05,
+                   0.1, 0.25, 0.5, 1.0, 2.5)
+
+CLAIMS = Counter("flashclaim_claims", "Claim answers by campaign and outcome (granted or "
+                 "the problem code)", ["campaign", "outcome"])
+HTTP_REQUESTS = Counter("flashclaim_http_requests", "HTTP requests by route and status",
+                        ["route", "status"])
+HTTP_LATENCY = Histogram("flashclaim_http_request_duration_seconds",
+                         "Time from handler start to response, by route", ["route"],
+                         buckets=LATENCY_BUCKETS)
+REDIS_BATCH = Histogram("flashclaim_redis_batch_size", "Claims decided per claim-script call",
+                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+REDIS_ROUNDTRIP = Histogram("flashclaim_redis_roundtrip_seconds",
+                            "Claim-script call time as the worker sees it",
+                            buckets=LATENCY_BUCKETS)
+REDIS_ERRORS = Counter("flashclaim_redis_errors", "Failed Redis calls by kind", ["kind"])
+STOCK_TOTAL = Gauge("flashclaim_stock_total", "Units put up: initial stock plus restocks",
+                    ["campaign"], multiprocess_mode="mostrecent")
+STOCK_REMAINING = Gauge("flashclaim_stock_remaining", "Units left", ["campaign"],
+                        multiprocess_mode="mostrecent")
+WRITER_WRITTEN = Counter("flashclaim_writer_written", "Claims the writer stored",
+                         ["campaign"])
+WRITER_DEAD = Counter("flashclaim_writer_dead_lettered",
+                      "Stream entries moved to the dead-letter stream", ["campaign"])
+WRITER_ERRORS = Counter("flashclaim_writer_errors", "Writer failures by kind", ["kind"])
+WRITER_BACKLOG = Gauge("flashclaim_writer_backlog", "Grants not yet acked by the writer",
+                       ["campaign"], multiprocess_mode="mostrecent")
+
+
+_claim_children: dict[tuple[str, str], Counter] = {}
+
+
+def count_claim(campaign: str, outcome: str) -> None:
+    """`CLAIMS.labels(...).inc()` with the label lookup cached: this is on the hot path."""
+    child = _claim_children.get((campaign, outcome))
+    if child is None:
+        child = _claim_children[(campaign, outcome)] = CLAIMS.labels(campaign, outcome)
+    child.inc()
+
+
+def prepare_multiprocess_dir(path: Path) -> None:
+    """Called by the CLI before it starts workers: an empty directory, exported."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+
+
+def registry() -> Collector:
+    if os.environ.get(MULTIPROC_ENV):
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)  # type: ignore[no-untyped-call]
+        return reg
+    return REGISTRY
