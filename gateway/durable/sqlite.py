@@ -68,17 +68,21 @@ class SQLiteStore:
         return cls(db)
 
     async def migrate(self) -> None:
-        await self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
-        async with self._db.execute("SELECT max(version) FROM schema_version") as cur:
-            row = await cur.fetchone()
-        current = (row[0] if row else None) or 0
-        for version, sql in enumerate(MIGRATIONS[current:], start=current + 1):
-            await self._db.execute("BEGIN IMMEDIATE")
-            for statement in sql.split(";"):
-                if statement.strip():
-                    await self._db.execute(statement)
-            await self._db.execute("INSERT INTO schema_version VALUES (?)", (version,))
-            await self._db.execute("COMMIT")
+        await self._db.execute("BEGIN IMMEDIATE")  # one migrator at a time
+        try:
+            await self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+            async with self._db.execute("SELECT max(version) FROM schema_version") as cur:
+                row = await cur.fetchone()
+            current = (row[0] if row else None) or 0
+            for version, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        await self._db.execute(statement)
+                await self._db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        await self._db.execute("COMMIT")
 
     async def insert_claims(self, rows: Sequence[ClaimRow]) -> int:
         try:

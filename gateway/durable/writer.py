@@ -123,11 +123,16 @@ class CampaignDrain:
                 left_pending = await self._handle(entries) if entries else 0
                 cursor = "0" if left_pending else ">"
                 self.backoff.reset()
-            except (StoreUnavailable, RedisError, OSError) as e:
+            except Exception as e:  # a drain never dies: it backs off and starts over
                 self.w.errors += 1
-                WRITER_ERRORS.labels("store" if isinstance(e, StoreUnavailable) else "redis").inc()
+                expected = isinstance(e, StoreUnavailable | RedisError | OSError)
+                kind = "store" if isinstance(e, StoreUnavailable) else (
+                    "redis" if expected else "unexpected")
+                WRITER_ERRORS.labels(kind).inc()
                 delay = self.backoff.next()
-                log.warning("writer %s: %r; retrying in %.2fs", self.cid, e, delay)
+                log.log(logging.WARNING if expected else logging.ERROR,
+                        "writer %s: %r; retrying in %.2fs", self.cid, e, delay,
+                        exc_info=not expected)
                 cursor = "0"
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.w.stop.wait(), delay)
@@ -216,7 +221,7 @@ class CampaignDrain:
             self.keys.events, GROUP, self.w.consumer,
             min_idle_time=self.w.settings.writer_claim_idle_ms, start_id="0-0", count=1000,
             justid=True)
-        return len(reply[1]) if reply else 0
+        return len(reply)  # justid=True: redis-py returns just the claimed ids
 
     async def _trim(self) -> None:
         """XTRIM MINID below the lowest entry any group still needs, and keep the retention."""
@@ -246,7 +251,7 @@ async def open_store_patiently(url: str, stop: asyncio.Event) -> Store | None:
             store = await open_store(url)
             await store.migrate()
             return store
-        except (StoreUnavailable, OSError) as e:
+        except Exception as e:  # unreachable, refusing, locked: keep trying until stopped
             delay = backoff.next()
             log.warning("store %s unavailable: %r; retrying in %.2fs", url.split("@")[-1], e, delay)
             with contextlib.suppress(TimeoutError):
