@@ -228,7 +228,10 @@ def reconcile(campaign_id: str | None, repair: bool) -> None:
 @click.option("--group", default="tail", show_default=True, help="Consumer group.")
 @click.option("--from-start", is_flag=True, help="A new group starts at the first event.")
 @click.option("--count", type=int, default=None, help="Stop after this many events.")
-def tail(campaign_id: str, group: str, from_start: bool, count: int | None) -> None:
+@click.option("--consumer", default=None,
+              help="Consumer name; reuse it after a crash to get unacked events again.")
+def tail(campaign_id: str, group: str, from_start: bool, count: int | None,
+         consumer: str | None) -> None:
     """Print claim events as JSON lines through a consumer group (at-least-once)."""
 
     from gateway.events import subscribe
@@ -241,7 +244,8 @@ def tail(campaign_id: str, group: str, from_start: bool, count: int | None) -> N
         client = redis_client(settings)
         seen = 0
         try:
-            async for d in subscribe(client, campaign_id, group, from_start=from_start):
+            async for d in subscribe(client, campaign_id, group, consumer=consumer,
+                                         from_start=from_start):
                 click.echo(msgspec.json.encode(d.event).decode())
                 await d.ack()
                 seen += 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,26 +77,29 @@ async def subscribe(
     from_start: bool = False,
     batch: int = 100,
     block_ms: int = 1000,
-) -> AsyncIterator[Delivery]:
+) -> AsyncGenerator[Delivery, None]:
     """Yields the campaign's claim events in stream order through consumer group `group`:
     first this consumer's unacknowledged ones, then new ones. Ack each after handling it;
     an unacked event comes again (dedupe on `claim_id`)."""
     stream = CampaignKeys.of(campaign_id).events
     consumer = consumer or consumer_name()
     await ensure_group(client, stream, group, from_start)
-    cursor = "0"  # our own pending entries first
+    timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
+    if timeout_s:  # a blocking read must end before the client gives up on the socket
+        block_ms = max(1, min(block_ms, int(timeout_s * 1000 / 2)))
+    cursor = "0"  # our own pending entries first, page by page
     while True:
-        block = None if cursor == "0" else block_ms
+        block = None if cursor != ">" else block_ms
         reply: Any = await client.xreadgroup(
             group, consumer, {stream: cursor}, count=batch, block=block
         )
         entries: list[Any] = reply[0][1] if reply else []
-        if cursor == "0" and not entries:
+        if cursor != ">" and not entries:
             cursor = ">"
             continue
         for entry_id, fields in entries:
             if fields:
                 yield Delivery(decode_event(fields), str(entry_id), client, stream, group)
-        if cursor == "0" and entries:
-            # pending entries not acked by the caller would be re-read forever; move on
-            cursor = ">"
+        if cursor != ">":
+            # the next page of our pending entries (those the caller left unacked stay behind)
+            cursor = str(entries[-1][0])

@@ -46,7 +46,10 @@ async def _repair(client: Redis, store: Store, cid: str, spec: CampaignSpec, key
     while True:
         entries: Any = await client.xrange(stream, min=start, count=1000)
         for entry_id, fields in entries:
-            ev = decode_event(fields)
+            try:
+                ev = decode_event(fields)
+            except (msgspec.ValidationError, ValueError):
+                continue  # not a claim event: the writer dead-letters it
             if ev.claim_id not in have:
                 codes = [coupon_code(key, cid, ev.seq, i, ev.user_id)
                          for i in range(len(spec.coupons))]

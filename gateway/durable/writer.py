@@ -192,6 +192,7 @@ class CampaignDrain:
             log.error("fault point: exiting between commit and ack")
             os._exit(137)
         left = 0
+        uncounted: list[str] = []  # not claim events: lua/claim.lua never counted them
         for entry_id, fields, reason in bad:
             if await self._deliveries(entry_id) >= self.w.settings.writer_max_deliveries:
                 await self.w.client.xadd(self.keys.dead, {
@@ -199,11 +200,13 @@ class CampaignDrain:
                 self.w.dead_lettered += 1
                 WRITER_DEAD.labels(self.cid).inc()
                 log.error("dead-lettered %s %s: %s", self.cid, entry_id, reason)
-                done.append(entry_id)
+                (uncounted if reason.startswith("undecodable") else done).append(entry_id)
             else:
                 left += 1
         if done:
             await self.w.scripts.ack(self.cid, GROUP, done)
+        if uncounted:
+            await self.w.client.xack(self.keys.events, GROUP, *uncounted)
         return left
 
     def _written(self, n: int) -> None:
