@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from enum import IntEnum
@@ -54,9 +55,19 @@ class CouponSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=
 
 
 class Admission(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The campaign's admission rate, exact across gateways; `burst` defaults to one
+    second's worth."""
+
     admit_per_s: Annotated[float, Meta(gt=0, le=1_000_000)] | None = None
     burst: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     waiting_room: bool = False
+
+    @property
+    def bucket(self) -> tuple[float, int]:
+        """(rate per second, burst); rate 0 means no admission limit."""
+        if self.admit_per_s is None:
+            return 0.0, 0
+        return self.admit_per_s, self.burst or max(1, math.ceil(self.admit_per_s))
 
 
 class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -131,6 +142,7 @@ class Outcome(IntEnum):
     PAUSED = 10
     UNKNOWN = 11
     BACKLOG = 12  # the durable store is too far behind: shed
+    ADMISSION = 13  # over the campaign's admission rate
 
 
 LIMIT_KIND = {

@@ -19,6 +19,7 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      ├── PayloadTooLarge (413 too_large)
      ├── Unprocessable (422 invalid)
      ├── TooManyRequests (429 rate_limited)
+     │    └── AdmissionLimited (429 admission)
      └── Unavailable (503 unavailable)
           └── Overloaded (503 overloaded)
 """
@@ -114,6 +115,10 @@ class Unprocessable(Problem):
 
 class TooManyRequests(Problem):
     status, code, title = 429, "rate_limited", "Too many requests"
+
+
+class AdmissionLimited(TooManyRequests):
+    code, title = "admission", "Over the campaign's admission rate"
 
 
 class Unavailable(Problem):

@@ -68,4 +68,5 @@ class Health(Struct):
 encoder = msgspec.json.Encoder()
 claim_request_decoder = msgspec.json.Decoder(ClaimRequest)
 restock_decoder = msgspec.json.Decoder(RestockRequest)
+admission_decoder = msgspec.json.Decoder(Admission)
 spec_decoder = msgspec.json.Decoder(CampaignSpec)

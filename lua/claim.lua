@@ -5,7 +5,10 @@
 -- returns {now_ms, remaining, version, code1, data1, code2, data2, ...}; codes are
 -- gateway.domain.Outcome: 1 granted ("seq:ms"), 2 replayed ("seq:ms"), 3 sold_out,
 -- 4..7 limit user/device/phone/ip (the user's grants "seq:ms,..."), 8 not_started (starts ms),
--- 9 ended, 10 paused, 11 unknown campaign, 12 backlog (the store is behind: shed with 503).
+-- 9 ended, 10 paused, 11 unknown campaign, 12 backlog (the store is behind: shed with 503),
+-- 13 admission (over the campaign's admission rate: ms until the next token).
+-- The admission rate is a token bucket on Redis TIME (meta adm_rate per s, adm_burst),
+-- exact across every gateway; it is taken only by claims that pass the identity limits.
 -- Each grant adds one to meta.unwritten; lua/ack.lua takes it off when the writer acks.
 local meta, users, devices, phones, ips, grants, idem, idem_exp, events =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
@@ -17,7 +20,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local m = redis.call('HMGET', meta, 'status', 'starts', 'ends', 'per_user', 'per_device',
-  'per_phone', 'per_ip', 'remaining', 'unwritten', 'version')
+  'per_phone', 'per_ip', 'remaining', 'unwritten', 'version', 'adm_rate', 'adm_burst',
+  'adm_tokens', 'adm_ts')
 local out = {now, 0, tonumber(m[10]) or 0}
 
 local function all(code, data)
@@ -47,6 +51,14 @@ local function bump(key, field, limit)
   if limit > 0 and field ~= '' then redis.call('HINCRBY', key, field, 1) end
 end
 
+local rate = tonumber(m[11]) or 0
+local tokens = 0
+if rate > 0 then
+  local burst = tonumber(m[12]) or 1
+  local last = tonumber(m[14]) or now
+  tokens = math.min(burst, (tonumber(m[13]) or burst) + math.max(0, now - last) * rate / 1000)
+end
+
 local sold_out_now, granted = false, 0
 for i = 0, n - 1 do
   local b = HEAD + i * FIELDS
@@ -68,7 +80,10 @@ for i = 0, n - 1 do
     code = 7
   elseif remaining <= 0 then
     code = 3
+  elseif rate > 0 and tokens < 1 then
+    code, data = 13, tostring(math.ceil((1 - tokens) * 1000 / rate))
   else
+    if rate > 0 then tokens = tokens - 1 end
     remaining = remaining - 1
     local seq = redis.call('HINCRBY', meta, 'seq', 1)
     data = seq .. ':' .. now
@@ -96,6 +111,7 @@ end
 
 redis.call('HSET', meta, 'remaining', remaining)
 if granted > 0 then redis.call('HINCRBY', meta, 'unwritten', granted) end
+if rate > 0 then redis.call('HSET', meta, 'adm_tokens', tostring(tokens), 'adm_ts', now) end
 out[2] = remaining
 if sold_out_now then redis.call('PUBLISH', channel, 'soldout ' .. cid) end
 

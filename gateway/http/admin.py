@@ -7,10 +7,11 @@ import hmac
 import time
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from gateway import errors
-from gateway.domain import CampaignSpec, SpecError, to_ms, validate_spec
+from gateway.domain import Admission, CampaignSpec, SpecError, to_ms, validate_spec
 from gateway.http.body import decode, read_capped
 from gateway.http.context import GATEWAY, Gateway
 from gateway.redis.campaigns import CampaignState, parse_meta
@@ -18,6 +19,7 @@ from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.schemas import (
     CampaignInfo,
     CampaignList,
+    admission_decoder,
     encoder,
     restock_decoder,
     spec_decoder,
@@ -72,6 +74,7 @@ async def fresh_state(gw: Gateway, cid: str) -> CampaignState:
 
 def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
     lim = spec.limits
+    rate, burst = (spec.admission or Admission()).bucket
     return {
         "status": "live",
         "starts": to_ms(spec.starts_at),
@@ -83,6 +86,8 @@ def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
         "remaining": spec.stock,
         "total": spec.stock,
         "created": int(time.time() * 1000),
+        "adm_rate": repr(rate),
+        "adm_burst": burst,
         "spec": encoder.encode(spec).decode(),
     }
 
@@ -154,6 +159,23 @@ async def restock(request: web.Request) -> web.Response:
     return json_response(info(await fresh_state(gw, cid)))
 
 
+async def set_admission(request: web.Request) -> web.Response:
+    """Change a live campaign's admission rate; every gateway applies it at once (it lives
+    in Redis) and the workers' views follow through pub/sub."""
+    gw = require_admin(request)
+    cid = request.match_info["id"]
+    admission = decode(admission_decoder, await read_capped(request, 4096))
+    state = await load_state(gw, cid)
+    spec = msgspec.structs.replace(state.spec, admission=admission)
+    rate, burst = admission.bucket
+    result = await gw.scripts.set_admission(cid, rate, burst, encoder.encode(spec).decode())
+    if result == 0:
+        raise errors.NotFound(f"No campaign {cid!r}")
+    if result < 0:
+        raise errors.AlreadyEnded(f"Campaign {cid} has ended")
+    return json_response(info(await fresh_state(gw, cid)))
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/campaigns", create_campaign)
@@ -163,3 +185,4 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/campaigns/{id}/resume", resume)
     r.add_post("/v1/campaigns/{id}/end", end)
     r.add_post("/v1/campaigns/{id}/restock", restock)
+    r.add_put("/v1/campaigns/{id}/admission", set_admission)

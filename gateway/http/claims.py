@@ -4,12 +4,15 @@ Redis call decides."""
 
 from __future__ import annotations
 
+import math
+
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.domain import (
     LIMIT_KIND,
+    Admission,
     CampaignSpec,
     Outcome,
     build_grant,
@@ -103,6 +106,16 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
             raise errors.Ended(f"Campaign {cid} has ended")
         case Outcome.PAUSED:
             raise errors.Paused(f"Campaign {cid} is paused", retry_after=5)
+        case Outcome.ADMISSION:
+            wait_s = int(v.data) / 1000
+            rate, burst = (state.spec.admission or Admission()).bucket
+            window = max(1, math.ceil(burst / rate)) if rate else 1
+            raise errors.AdmissionLimited(
+                f"Campaign {cid} admits {rate:g} claims/s; retry shortly",
+                retry_after=wait_s,
+                headers={"RateLimit-Policy": f'"campaign";q={burst};w={window}',
+                         "RateLimit": f'"campaign";r=0;t={max(1, math.ceil(wait_s))}'},
+            )
         case Outcome.BACKLOG:
             raise errors.Overloaded(
                 f"Claims of campaign {cid} are paused while the store catches up", retry_after=2

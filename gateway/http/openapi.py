@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from gateway import __version__
-from gateway.domain import CampaignSpec, Grant
+from gateway.domain import Admission, CampaignSpec, Grant
 from gateway.schemas import (
     CampaignInfo,
     CampaignList,
@@ -118,6 +118,8 @@ def admin_document() -> dict[str, Any]:
         "/v1/campaigns/{id}/resume": {"post": op("Resume", CampaignInfo)},
         "/v1/campaigns/{id}/end": {"post": op("End for good", CampaignInfo)},
         "/v1/campaigns/{id}/restock": {"post": op("Add stock", CampaignInfo, body=RestockRequest)},
+        "/v1/campaigns/{id}/admission": {"put": op("Change the admission rate live",
+                                                   CampaignInfo, body=Admission)},
     }
-    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, ProblemDocument]
+    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument]
     return _doc("flashclaim admin", paths, types)

@@ -24,7 +24,9 @@ class Scripts:
         self._set_status = load("set_status")
         self._restock = load("restock")
         self._ack = load("ack")
-        self._all = (self._claim, self._create, self._set_status, self._restock, self._ack)
+        self._set_admission = load("set_admission")
+        self._all = (self._claim, self._create, self._set_status, self._restock, self._ack,
+                     self._set_admission)
         self._client = client
 
     async def load_all(self) -> None:
@@ -58,6 +60,13 @@ class Scripts:
         keys = [CampaignKeys.of(campaign_id).meta]
         result = await self._restock(keys=keys, args=[CHANGES, campaign_id, quantity])
         return [int(x) for x in result]
+
+    async def set_admission(
+        self, campaign_id: str, rate: float, burst: int, spec_json: str
+    ) -> int:
+        keys = [CampaignKeys.of(campaign_id).meta]
+        args = [CHANGES, campaign_id, repr(rate), burst, spec_json]
+        return int(await self._set_admission(keys=keys, args=args))
 
     async def ack(self, campaign_id: str, group: str, ids: Sequence[str]) -> int:
         keys = CampaignKeys.of(campaign_id)
