@@ -69,15 +69,17 @@ async def volley(
 
 
 def check_answers(cid: str, answers: list[Answer]) -> dict[str, list[str]]:
-    """Every answer is a valid outcome; returns each user's granted claim ids in seq order."""
-    grants: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    """Every answer is a valid outcome; returns each user's granted claim ids in seq order.
+    One user's concurrent repeat clicks may share one grant (single-flight): several `201`s
+    naming the same claim are one grant."""
+    grants: dict[str, set[tuple[int, str]]] = defaultdict(set)
     for a in answers:
         if a.status == 201:
             seq = a.body["seq"]
             assert a.body["user_id"] == a.user, a.body
             assert a.body["campaign_id"] == cid
             assert a.body["claim_id"] == f"{cid}.{seq}"
-            grants[a.user].append((seq, a.body["claim_id"]))
+            grants[a.user].add((seq, a.body["claim_id"]))
         elif a.status == 409:
             assert a.body["code"] == "limit_reached", a.body
         elif a.status == 410:

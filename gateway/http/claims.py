@@ -4,6 +4,7 @@ Redis call decides."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from aiohttp import web
@@ -169,7 +170,14 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
         raise errors.NotEligible(why_not)
     ikey = idempotency_key(request.headers.get("Idempotency-Key"))
     claim = (who.user_id, who.device_h, who.phone_h, request.remote or "", ikey, req.channel or "")
-    verdict = await gw.batcher.submit(state.id, claim)
+    # Repeat clicks in flight share one Redis decision where a second claim could not be
+    # granted anyway; a follower hears what Redis would have told it: the same grant for
+    # the same Idempotency-Key, else limit_reached naming the grant.
+    shared = bool(ikey) or state.spec.limits.per_user == 1
+    fut, asked = gw.batcher.submit(state.id, claim, shared=shared)
+    verdict = await asyncio.shield(fut)
+    if not asked and not ikey and verdict.outcome == Outcome.GRANTED:
+        verdict = verdict._replace(outcome=Outcome.LIMIT_USER)
     return answer(gw, state, who.user_id, verdict)
 
 

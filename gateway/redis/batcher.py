@@ -1,6 +1,7 @@
 """Claim micro-batching: claims that arrive in one event-loop tick go to Redis as one
 `claim.lua` call per campaign, and each request awaits its own verdict. A failed call fails
-only its own claims (503)."""
+only its own claims (503). Single-flight: identical claims in flight (one user's repeat
+clicks) share one verdict instead of each going to Redis."""
 
 from __future__ import annotations
 
@@ -46,8 +47,25 @@ class ClaimBatcher:
         self._pending: dict[str, list[tuple[ClaimArgs, asyncio.Future[Verdict]]]] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight: dict[tuple[str, ClaimArgs], asyncio.Future[Verdict]] = {}
 
-    def submit(self, campaign_id: str, claim: ClaimArgs) -> asyncio.Future[Verdict]:
+    def submit(
+        self, campaign_id: str, claim: ClaimArgs, *, shared: bool = False
+    ) -> tuple[asyncio.Future[Verdict], bool]:
+        """The verdict for `claim`, and whether this call asked Redis for it. With `shared`,
+        an identical claim already in flight lends its verdict instead (the caller turns
+        it into the answer a second claim would have had)."""
+        if not shared:
+            return self._submit(campaign_id, claim), True
+        key = (campaign_id, claim)
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return fut, False
+        fut = self._inflight[key] = self._submit(campaign_id, claim)
+        fut.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return fut, True
+
+    def _submit(self, campaign_id: str, claim: ClaimArgs) -> asyncio.Future[Verdict]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Verdict] = loop.create_future()
         if self._health.cooling_down:
