@@ -35,6 +35,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_timeout_s: float = 1.0
     log_level: str = "INFO"
     metrics_dir: str = ""  # prometheus multiprocess files; default <var_dir>/metrics
+    user_rate_per_s: float = 5.0  # claim requests per user per worker; 0 turns it off
+    user_burst: int = 10
+    ip_rate_per_s: float = 0.0  # off by default: behind NAT or a proxy many users share one
+    ip_burst: int = 200
+    redis_inflight: int = 512  # claims per worker waiting on Redis at once
+    redis_queue: int = 2048  # claims queued for a slot; beyond: 503
+    redis_queue_wait_s: float = 0.5  # the longest a claim queues (shorter under overload)
     backlog_max: int = 200_000  # unwritten grants per campaign before claims get 503
     writer_batch: int = 1000
     writer_max_deliveries: int = 5

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway.admission.guard import Admission
 from gateway.http import admin, claims, ops
 from gateway.http.context import GATEWAY, Gateway
 from gateway.http.problems import problems_middleware
@@ -47,7 +48,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         batcher = ClaimBatcher(
             scripts, health, settings.idempotency_ttl_s * 1000, settings.backlog_max
         )
-        app[GATEWAY] = Gateway(settings, client, scripts, health, views, batcher, verifier)
+        app[GATEWAY] = Gateway(
+            settings, client, scripts, health, views, batcher, verifier, Admission(settings)
+        )
         task = asyncio.create_task(views.run())
         yield
         views.close()

@@ -174,10 +174,15 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
     # granted anyway; a follower hears what Redis would have told it: the same grant for
     # the same Idempotency-Key, else limit_reached naming the grant.
     shared = bool(ikey) or state.spec.limits.per_user == 1
-    fut, asked = gw.batcher.submit(state.id, claim, shared=shared)
-    verdict = await asyncio.shield(fut)
-    if not asked and not ikey and verdict.outcome == Outcome.GRANTED:
-        verdict = verdict._replace(outcome=Outcome.LIMIT_USER)
+    joined = gw.batcher.in_flight(state.id, claim) if shared else None
+    if joined is not None:
+        verdict = await asyncio.shield(joined)
+        if not ikey and verdict.outcome == Outcome.GRANTED:
+            verdict = verdict._replace(outcome=Outcome.LIMIT_USER)
+    else:
+        gw.admission.check(who.user_id, claim[3])  # per-user / per-IP rate: 429
+        async with gw.admission.redis_slot():  # bounded, deadline-aware queue: 503
+            verdict = await asyncio.shield(gw.batcher.submit(state.id, claim, shared=shared))
     return answer(gw, state, who.user_id, verdict)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.admission.guard import Admission
 from gateway.identity import Verifier
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
@@ -24,6 +25,7 @@ class Gateway:
     views: CampaignViews
     batcher: ClaimBatcher
     verifier: Verifier
+    admission: Admission
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -49,21 +49,21 @@ class ClaimBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: dict[tuple[str, ClaimArgs], asyncio.Future[Verdict]] = {}
 
+    def in_flight(self, campaign_id: str, claim: ClaimArgs) -> asyncio.Future[Verdict] | None:
+        """The pending verdict of an identical shared claim, if one is in flight."""
+        return self._inflight.get((campaign_id, claim))
+
     def submit(
         self, campaign_id: str, claim: ClaimArgs, *, shared: bool = False
-    ) -> tuple[asyncio.Future[Verdict], bool]:
-        """The verdict for `claim`, and whether this call asked Redis for it. With `shared`,
-        an identical claim already in flight lends its verdict instead (the caller turns
-        it into the answer a second claim would have had)."""
-        if not shared:
-            return self._submit(campaign_id, claim), True
-        key = (campaign_id, claim)
-        fut = self._inflight.get(key)
-        if fut is not None:
-            return fut, False
-        fut = self._inflight[key] = self._submit(campaign_id, claim)
-        fut.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return fut, True
+    ) -> asyncio.Future[Verdict]:
+        """The verdict for `claim`; with `shared`, identical claims may join it meanwhile
+        (`in_flight`), and the caller answers them as a second claim would be answered."""
+        fut = self._submit(campaign_id, claim)
+        if shared:
+            key = (campaign_id, claim)
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return fut
 
     def _submit(self, campaign_id: str, claim: ClaimArgs) -> asyncio.Future[Verdict]:
         loop = asyncio.get_running_loop()

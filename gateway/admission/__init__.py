@@ -1,0 +1,1 @@
+"""Admission: local, approximate protection of capacity (rate limits, load shedding)."""
