@@ -60,6 +60,19 @@ def count_claim(campaign: str, outcome: str) -> None:
     child.inc()
 
 
+_http_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+
+def observe_http(route: str, status: int, seconds: float) -> None:
+    """One HTTP answer, with the label lookups cached (every request passes here)."""
+    children = _http_children.get((route, status))
+    if children is None:
+        children = _http_children[(route, status)] = (
+            HTTP_REQUESTS.labels(route, status), HTTP_LATENCY.labels(route))
+    children[0].inc()
+    children[1].observe(seconds)
+
+
 def prepare_multiprocess_dir(path: Path) -> None:
     """Called by the CLI before it starts workers: an empty directory, exported."""
     shutil.rmtree(path, ignore_errors=True)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import AbstractAsyncContextManager
 
 from gateway.admission.ratelimit import Gcra, ratelimit_headers
 from gateway.admission.shedding import ConcurrencyLimiter
@@ -38,6 +37,3 @@ class Admission:
                     retry_after=d.retry_after_s,
                     headers=ratelimit_headers(name, limit, window, d),
                 )
-
-    def redis_slot(self) -> AbstractAsyncContextManager[None]:
-        return self.slots.slot()

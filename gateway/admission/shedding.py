@@ -96,6 +96,15 @@ class ConcurrencyLimiter:
     def overloaded(self) -> bool:
         return self._refresh(self._clock())
 
+    def try_acquire(self) -> bool:
+        """Take a free slot without waiting (no coroutine: the hot path), or say there is none."""
+        if self._in_use < self._limit and not self._waiters:
+            self._in_use += 1
+            self._overloaded = False  # no standing queue at all
+            self._first_above = None
+            return True
+        return False
+
     async def acquire(self, deadline: float | None = None) -> None:
         """Take a slot, waiting in line if needed; raise `Overloaded` when shed.
 
@@ -103,12 +112,9 @@ class ConcurrencyLimiter:
         longer wants the slot (its client has given up). One already past is shed at
         once; without one, only `max_wait_s` (or `target_s` when overloaded) bounds the wait.
         """
-        now = self._clock()
-        if self._in_use < self._limit and not self._waiters:
-            self._in_use += 1
-            self._overloaded = False  # no standing queue at all
-            self._first_above = None
+        if self.try_acquire():
             return
+        now = self._clock()
         until = now + (self.target_s if self._refresh(now) else self.max_wait_s)
         if deadline is not None and deadline < until:
             until = deadline

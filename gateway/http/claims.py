@@ -4,7 +4,6 @@ Redis call decides."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 from aiohttp import web
@@ -174,15 +173,22 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
     # granted anyway; a follower hears what Redis would have told it: the same grant for
     # the same Idempotency-Key, else limit_reached naming the grant.
     shared = bool(ikey) or state.spec.limits.per_user == 1
+    # (aiohttp does not cancel handlers when a client goes away, so the futures are
+    # awaited without a shield.)
     joined = gw.batcher.in_flight(state.id, claim) if shared else None
     if joined is not None:
-        verdict = await asyncio.shield(joined)
+        verdict = await joined
         if not ikey and verdict.outcome == Outcome.GRANTED:
             verdict = verdict._replace(outcome=Outcome.LIMIT_USER)
     else:
         gw.admission.check(who.user_id, claim[3])  # per-user / per-IP rate: 429
-        async with gw.admission.redis_slot():  # bounded, deadline-aware queue: 503
-            verdict = await asyncio.shield(gw.batcher.submit(state.id, claim, shared=shared))
+        slots = gw.admission.slots  # a bounded, deadline-aware queue in front of Redis: 503
+        if not slots.try_acquire():
+            await slots.acquire()
+        try:
+            verdict = await gw.batcher.submit(state.id, claim, shared=shared)
+        finally:
+            slots.release()
     return answer(gw, state, who.user_id, verdict)
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.errors import BadRequest, Problem, Unavailable, Unprocessable
-from gateway.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from gateway.metrics import observe_http
 from gateway.schemas import ProblemDocument, encoder
 
 log = logging.getLogger("gateway.http")
@@ -119,7 +119,5 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         log.exception("unexpected error request_id=%s %s %s", rid, request.method, request.path)
         resp = problem_response(Problem("An unexpected error occurred"), rid)
     resp.headers["X-Request-Id"] = rid
-    route = _route(request)
-    HTTP_REQUESTS.labels(route, resp.status).inc()
-    HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+    observe_http(_route(request), resp.status, time.perf_counter() - started)
     return resp
