@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system run test lint typecheck unit clean
+.PHONY: setup system run test lint typecheck unit clean grafana prometheus bench
 
 setup: system $(STAMP)
 
@@ -22,7 +22,7 @@ run: setup
 	$(BIN)/flashclaim run --demo
 
 lint: setup
-	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff check gateway tests loadtest grafana
 
 typecheck: setup
 	$(BIN)/mypy --strict gateway
@@ -31,6 +31,19 @@ unit: setup
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# Dashboards as code: rewrite grafana/dashboards/*.json from grafana/generate.py (SDK pinned).
+grafana: setup
+	$(BIN)/pip install --quiet -r grafana/requirements.txt
+	$(BIN)/python grafana/generate.py
+
+# Prometheus with deploy/prometheus/ on 127.0.0.1:9090, scraping `make run` (127.0.0.1:8080).
+prometheus: system
+	./scripts/prometheus
+
+# The benchmark of the claim endpoint against a hello endpoint (see docs/performance.md).
+bench: setup
+	$(BIN)/python -m loadtest.bench --workers 2 --runs 3 --duration 10
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -36,7 +36,7 @@ REDIS_ROUNDTRIP = Histogram("flashclaim_redis_roundtrip_seconds",
                             "Claim-script call time as the worker sees it",
                             buckets=LATENCY_BUCKETS)
 REDIS_ERRORS = Counter("flashclaim_redis_errors", "Failed Redis calls by kind", ["kind"])
-STOCK_TOTAL = Gauge("flashclaim_stock_total", "Units put up: initial stock plus restocks",
+STOCK_TOTAL = Gauge("flashclaim_stock_issued", "Units put up: initial stock plus restocks",
                     ["campaign"], multiprocess_mode="mostrecent")
 STOCK_REMAINING = Gauge("flashclaim_stock_remaining", "Units left", ["campaign"],
                         multiprocess_mode="mostrecent")

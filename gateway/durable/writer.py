@@ -102,6 +102,8 @@ class CampaignDrain:
         self.backoff = Backoff()
 
     async def run(self) -> None:
+        WRITER_DEAD.labels(self.cid)  # exported at 0, so the first dead letter is an increase
+        WRITER_WRITTEN.labels(self.cid)
         cursor = "0"
         next_janitor = next_trim = 0.0
         while not self.w.stop.is_set():
@@ -272,6 +274,10 @@ async def serve_writer(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if settings.writer_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.writer_metrics_port, addr="127.0.0.1")
     store = await open_store_patiently(settings.store_url, stop)
     if store is None:
         return

@@ -147,6 +147,12 @@ async def post_claim(request: web.Request) -> web.Response:
     except Problem as p:
         count_claim(cid, p.code)
         raise
+    except (RedisError, ConnectionError, TimeoutError):
+        count_claim(cid, errors.Unavailable.code)
+        raise
+    except Exception:
+        count_claim(cid, errors.Problem.code)  # "internal"
+        raise
     count_claim(cid, "granted" if resp.status == 201 else resp["code"])
     return resp
 
