@@ -38,13 +38,17 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app = web.Application(middlewares=[problems_middleware], client_max_size=256 * 1024)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        client = redis_client(settings)
-        scripts = Scripts(client, settings.scripts_dir)
+        client = redis_client(settings, retries=1)  # reads, pub/sub
+        scripts = Scripts(redis_client(settings), settings.scripts_dir)  # writes: no retries
         health = RedisHealth()
         with contextlib.suppress(RedisError, OSError):
             await scripts.load_all()
             health.scripts_loaded = True
-        views = CampaignViews(client, clock)
+        async def drop_stale() -> None:
+            for c in (client, scripts.client):
+                await c.connection_pool.disconnect(inuse_connections=False)
+
+        views = CampaignViews(client, clock, on_reconnect=drop_stale)
         batcher = ClaimBatcher(
             scripts, health, settings.idempotency_ttl_s * 1000, settings.backlog_max
         )
@@ -56,6 +60,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         views.close()
         await batcher.close()
         await task
+        await scripts.client.aclose()
         await client.aclose()
 
     app.cleanup_ctx.append(resources)

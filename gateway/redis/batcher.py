@@ -10,7 +10,7 @@ import logging
 import time
 from typing import NamedTuple
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ConnectionError, RedisError, ResponseError
 
 from gateway.domain import Outcome
 from gateway.errors import Unavailable
@@ -96,6 +96,9 @@ class ClaimBatcher:
             )
         except (RedisError, OSError) as e:
             self._health.failed()
+            if isinstance(e, ConnectionError | OSError):
+                # Redis went away: its other pooled connections are dead too
+                await self._scripts.client.connection_pool.disconnect(inuse_connections=False)
             REDIS_ERRORS.labels(type(e).__name__).inc()
             if isinstance(e, ResponseError) and not str(e).startswith(_TRANSIENT):
                 log.error("claim script error for %s: %r", campaign_id, e)

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,8 +65,14 @@ def parse_meta(campaign_id: str, meta: Mapping[Any, Any]) -> CampaignState | Non
 class CampaignViews:
     """`get()` answers from memory; `run()` keeps memory fresh until `close()`."""
 
-    def __init__(self, client: Redis, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        clock: Callable[[], float] = time.time,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._client = client
+        self._on_reconnect = on_reconnect  # after Redis came back: drop stale connections
         self._clock = clock
         self._states: dict[str, CampaignState] = {}
         self._absent: dict[str, float] = {}  # id -> until when "no such campaign" is cached
@@ -163,10 +169,14 @@ class CampaignViews:
 
     async def run(self) -> None:
         backoff = 0.05
+        lost = False
         while not self._stop.is_set():
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANGES)
+                if lost and self._on_reconnect is not None:
+                    await self._on_reconnect()
+                lost = False
                 await self.sync_clock()
                 await self.refresh_all()  # catch up on what we missed while unsubscribed
                 self.synced.set()
@@ -183,6 +193,7 @@ class CampaignViews:
                         next_refresh = time.monotonic() + REFRESH_S
             except (RedisError, OSError) as e:
                 self.synced.clear()
+                lost = True
                 log.warning("campaign view lost Redis: %r; retrying in %.2fs", e, backoff)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), backoff)

@@ -27,12 +27,12 @@ class Scripts:
         self._set_admission = load("set_admission")
         self._all = (self._claim, self._create, self._set_status, self._restock, self._ack,
                      self._set_admission)
-        self._client = client
+        self.client = client
 
     async def load_all(self) -> None:
         """SCRIPT LOAD every script, so readiness means the scripts are there."""
         for s in self._all:
-            s.sha = await self._client.script_load(s.script)
+            s.sha = await self.client.script_load(s.script)
 
     async def claim(
         self, campaign_id: str, claims: Sequence[ClaimArgs], idem_ttl_ms: int, backlog_max: int
