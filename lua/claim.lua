@@ -88,9 +88,10 @@ for i = 0, n - 1 do
     local seq = redis.call('HINCRBY', meta, 'seq', 1)
     data = seq .. ':' .. now
     local nth = redis.call('HINCRBY', users, user, 1)
-    bump(devices, dev, per_device)
+    -- devices and addresses are always counted: the operators' anomaly view reads them
+    if dev ~= '' then redis.call('HINCRBY', devices, dev, 1) end
     bump(phones, phone, per_phone)
-    bump(ips, ip, per_ip)
+    if ip ~= '' then redis.call('HINCRBY', ips, ip, 1) end
     local prev = redis.call('HGET', grants, user)
     redis.call('HSET', grants, user, prev and (prev .. ',' .. data) or data)
     if ikey ~= '' then

@@ -291,3 +291,28 @@ async def test_per_phone_needs_a_phone(http: aiohttp.ClientSession, gateway: Gat
     assert status == 201, got
     status, got, _ = await claim(http, gateway, cid, gateway.token("f2", phone="+8613800000000"))
     assert (status, got["code"]) == (409, "limit_reached"), got
+
+
+async def test_top_claimants_by_device_and_ip(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """The anomaly view counts grants per device (keyed hash) and per address."""
+    c = await create_campaign(http, gateway, stock=50)
+    cid = c["id"]
+    for i in range(9):  # a farm: 9 accounts on one device
+        assert (await claim(http, gateway, cid, gateway.token(f"farm-{i}", dev="rig-1")))[0] == 201
+    assert (await claim(http, gateway, cid, gateway.token("human", dev="phone-7")))[0] == 201
+    url = f"{gateway.base}/v1/campaigns/{cid}/top"
+    async with http.get(url, params={"by": "device", "limit": "5"},
+                        headers=gateway.admin_headers) as r:
+        doc = await r.json()
+    assert r.status == 200, doc
+    assert [t["claims"] for t in doc["top"]] == [9, 1]
+    assert "rig-1" not in str(doc)  # devices appear only as keyed hashes
+    async with http.get(url, params={"by": "ip"}, headers=gateway.admin_headers) as r:
+        doc = await r.json()
+    assert doc["top"] == [{"key": "127.0.0.1", "claims": 10}]
+    async with http.get(url, params={"by": "phone"}, headers=gateway.admin_headers) as r:
+        assert r.status == 422
+    async with http.get(url) as r:
+        assert r.status == 401

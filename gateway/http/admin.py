@@ -3,6 +3,7 @@ and restock campaigns. Every change goes through a Lua script and is published t
 
 from __future__ import annotations
 
+import heapq
 import hmac
 import time
 from typing import Any
@@ -176,6 +177,28 @@ async def set_admission(request: web.Request) -> web.Response:
     return json_response(info(await fresh_state(gw, cid)))
 
 
+TOP_BY = {"ip": "ips", "device": "devices"}
+
+
+async def top_claimants(request: web.Request) -> web.Response:
+    """The anomaly view: the addresses or devices (keyed hashes) with the most grants."""
+    gw = require_admin(request)
+    cid = request.match_info["id"]
+    by = request.query.get("by", "ip")
+    if by not in TOP_BY:
+        raise errors.Unprocessable("`by` must be `ip` or `device`", field="by")
+    try:
+        limit = min(max(int(request.query.get("limit", "20")), 1), 1000)
+    except ValueError:
+        raise errors.Unprocessable("`limit` must be an integer", field="limit") from None
+    await load_state(gw, cid)  # 404 for an unknown campaign
+    key = getattr(CampaignKeys.of(cid), TOP_BY[by])
+    counts = [(int(n), str(k)) async for k, n in gw.client.hscan_iter(key, count=1000)]
+    top = heapq.nlargest(limit, counts)
+    return json_response({"campaign_id": cid, "by": by,
+                          "top": [{"key": k, "claims": n} for n, k in top]})
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/campaigns", create_campaign)
@@ -186,3 +209,4 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/campaigns/{id}/end", end)
     r.add_post("/v1/campaigns/{id}/restock", restock)
     r.add_put("/v1/campaigns/{id}/admission", set_admission)
+    r.add_get("/v1/campaigns/{id}/top", top_claimants)
