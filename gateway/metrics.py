@@ -40,6 +40,11 @@ STOCK_TOTAL = Gauge("flashclaim_stock_issued", "Units put up: initial stock plus
                     ["campaign"], multiprocess_mode="mostrecent")
 STOCK_REMAINING = Gauge("flashclaim_stock_remaining", "Units left", ["campaign"],
                         multiprocess_mode="mostrecent")
+ADMISSION_REJECTED = Counter("flashclaim_admission_rejected",
+                             "Claims turned away by the worker before Redis: per-user or "
+                             "per-ip rate (429), shed from the Redis queue (503)", ["reason"])
+REDIS_QUEUE = Gauge("flashclaim_redis_queue_depth", "Claims waiting for a Redis slot",
+                    multiprocess_mode="livesum")
 WRITER_WRITTEN = Counter("flashclaim_writer_written", "Claims the writer stored",
                          ["campaign"])
 WRITER_DEAD = Counter("flashclaim_writer_dead_lettered",

@@ -223,6 +223,13 @@ def gateway() -> Board:
                     "exception kind; each failed call answers its claims 503.", "reqps",
                     q(f"sum by (kind) (rate(flashclaim_redis_errors_total[{RI}]))", "{{kind}}"),
                     w=24))
+        .row("Shedding")
+        .add(series("Turned away before Redis", "Per-user / per-ip request rate (429) and "
+                    "claims shed from the queue in front of Redis (503), per second.", "reqps",
+                    q(f"sum by (reason) (rate(flashclaim_admission_rejected_total[{RI}]))",
+                      "{{reason}}"), w=12))
+        .add(series("Claims queued for a Redis slot", "Across all workers.", "short",
+                    q("sum(flashclaim_redis_queue_depth)", "queued"), w=12))
     )
 
 

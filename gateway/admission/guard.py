@@ -8,7 +8,8 @@ import math
 
 from gateway.admission.ratelimit import Gcra, ratelimit_headers
 from gateway.admission.shedding import ConcurrencyLimiter
-from gateway.errors import TooManyRequests
+from gateway.errors import Overloaded, TooManyRequests
+from gateway.metrics import ADMISSION_REJECTED, REDIS_QUEUE
 from gateway.settings import Settings
 
 
@@ -21,6 +22,8 @@ class Admission:
             "per-user": (s.user_burst, max(1, math.ceil(s.user_burst / (s.user_rate_per_s or 1)))),
             "per-ip": (s.ip_burst, max(1, math.ceil(s.ip_burst / (s.ip_rate_per_s or 1)))),
         }
+        for reason in ("per-user", "per-ip", "shed"):
+            ADMISSION_REJECTED.labels(reason)  # exported at 0
         self.slots = ConcurrencyLimiter(
             s.redis_inflight, queue_max=s.redis_queue, max_wait_s=s.redis_queue_wait_s
         )
@@ -31,9 +34,21 @@ class Admission:
                 continue
             d = limiter.check(key)
             if not d.allowed:
+                ADMISSION_REJECTED.labels(name).inc()
                 limit, window = self._policies[name]
                 raise TooManyRequests(
                     f"Too many requests ({name}); retry after the Retry-After delay",
                     retry_after=d.retry_after_s,
                     headers=ratelimit_headers(name, limit, window, d),
                 )
+
+    async def wait_for_slot(self) -> None:
+        """The slow path, when every Redis slot is taken: queue, or be shed (503)."""
+        REDIS_QUEUE.inc()
+        try:
+            await self.slots.acquire()
+        except Overloaded:
+            ADMISSION_REJECTED.labels("shed").inc()
+            raise
+        finally:
+            REDIS_QUEUE.dec()

@@ -190,7 +190,7 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
         gw.admission.check(who.user_id, claim[3])  # per-user / per-IP rate: 429
         slots = gw.admission.slots  # a bounded, deadline-aware queue in front of Redis: 503
         if not slots.try_acquire():
-            await slots.acquire()
+            await gw.admission.wait_for_slot()
         try:
             verdict = await gw.batcher.submit(state.id, claim, shared=shared)
         finally:
