@@ -71,6 +71,8 @@ class Admission(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=T
 
 
 class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A campaign as the operator defines it (DESIGN §4)."""
+
     name: Annotated[str, Meta(min_length=1, max_length=200)]
     stock: Annotated[int, Meta(ge=1, le=MAX_STOCK)]
     starts_at: dt.datetime
@@ -80,6 +82,12 @@ class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_default
     limits: Limits = Limits()
     eligibility: Eligibility = Eligibility()
     admission: Admission | None = None
+
+
+def face_value(spec: CampaignSpec) -> int:
+    """What one grant costs the issuer, in minor units: the package's fixed-amount coupons
+    (a percent_off coupon has no fixed face value and is not counted)."""
+    return sum(c.value for c in spec.coupons if c.kind != "percent_off")
 
 
 def _aware(field: str, value: dt.datetime) -> None:

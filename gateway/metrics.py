@@ -36,10 +36,17 @@ REDIS_ROUNDTRIP = Histogram("flashclaim_redis_roundtrip_seconds",
                             "Claim-script call time as the worker sees it",
                             buckets=LATENCY_BUCKETS)
 REDIS_ERRORS = Counter("flashclaim_redis_errors", "Failed Redis calls by kind", ["kind"])
-STOCK_TOTAL = Gauge("flashclaim_stock_issued", "Units put up: initial stock plus restocks",
+STOCK_ISSUED = Gauge("flashclaim_stock_issued", "Units put up: initial stock plus restocks",
                     ["campaign"], multiprocess_mode="mostrecent")
 STOCK_REMAINING = Gauge("flashclaim_stock_remaining", "Units left", ["campaign"],
                         multiprocess_mode="mostrecent")
+BUDGET_ISSUED = Gauge("flashclaim_budget_issued", "Face value put up (stock x the package's "
+                      "amount_off and threshold values), minor units", ["campaign"],
+                      multiprocess_mode="mostrecent")
+BUDGET_USED = Gauge("flashclaim_budget_used", "Face value granted so far, minor units",
+                    ["campaign"], multiprocess_mode="mostrecent")
+WRITER_LAG = Gauge("flashclaim_writer_lag_seconds", "Grant-to-commit delay of the newest "
+                   "claim the writer stored", ["campaign"], multiprocess_mode="mostrecent")
 ADMISSION_REJECTED = Counter("flashclaim_admission_rejected",
                              "Claims turned away by the worker before Redis: per-user or "
                              "per-ip rate (429), shed from the Redis queue (503)", ["reason"])

@@ -153,6 +153,10 @@ def release() -> Board:
                     q(f"(sum(increase(flashclaim_claims_total{{{BAD}}}[$__range])) or vector(0))"
                       f" / sum(increase(flashclaim_claims_total[$__range])) / {SLO_BUDGET}",
                       "budget", instant=True)))
+        .add(single("Budget used", "Face value granted over face value put up (fixed-amount "
+                    "coupons; minor units).", "percentunit",
+                    q(f"max by (campaign) (flashclaim_budget_used{{{C}}}) / max by (campaign) "
+                      f"(flashclaim_budget_issued{{{C}}})", "{{campaign}}", instant=True)))
         .add(series("Claims per second by outcome", "Every claim answer: granted or the "
                     "problem code.", "reqps",
                     q(f"sum by (outcome) (rate(flashclaim_claims_total{{{C}}}[{RI}]))",
@@ -260,6 +264,9 @@ def durability() -> Board:
         .add(series("Writer backlog", "Grants not yet in the store, per campaign; at the "
                     "backlog cap claims answer 503 overloaded.", "short",
                     q(backlog, "{{campaign}}")))
+        .add(series("Writer lag", "Grant-to-commit delay of the newest claim stored.", "s",
+                    q(f"max by (campaign) (flashclaim_writer_lag_seconds{{{C}}})",
+                      "{{campaign}}")))
         .add(series("Dead letters", "Entries dead-lettered per campaign in each interval.",
                     "short", q(f"sum by (campaign) (increase("
                                f"flashclaim_writer_dead_lettered_total{{{C}}}[{RI}]))",

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from gateway.domain import CampaignSpec, coupon_code
 from gateway.durable.store import ClaimConflict, ClaimRow, Store, StoreUnavailable
 from gateway.events import decode_event, ensure_group
-from gateway.metrics import WRITER_DEAD, WRITER_ERRORS, WRITER_WRITTEN
+from gateway.metrics import WRITER_DEAD, WRITER_ERRORS, WRITER_LAG, WRITER_WRITTEN
 from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.redis.scripts import Scripts
 from gateway.settings import Settings
@@ -181,6 +181,8 @@ class CampaignDrain:
             try:
                 self._written(await self.w.store.insert_claims(rows))
                 done.extend(r.stream_id for r in rows)
+                newest = max(r.event.granted_at for r in rows)
+                WRITER_LAG.labels(self.cid).set(max(0.0, time.time() - newest / 1000))
             except ClaimConflict:
                 for r in rows:  # isolate the rows that clash
                     try:

@@ -16,8 +16,14 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.domain import CampaignSpec
-from gateway.metrics import STOCK_REMAINING, STOCK_TOTAL, WRITER_BACKLOG
+from gateway.domain import CampaignSpec, face_value
+from gateway.metrics import (
+    BUDGET_ISSUED,
+    BUDGET_USED,
+    STOCK_ISSUED,
+    STOCK_REMAINING,
+    WRITER_BACKLOG,
+)
 from gateway.redis.keys import CHANGES, CampaignKeys
 
 log = logging.getLogger(__name__)
@@ -142,9 +148,12 @@ class CampaignViews:
                 self._states.pop(cid, None)
             else:
                 self._states[cid] = state
-                STOCK_TOTAL.labels(cid).set(state.total)
+                STOCK_ISSUED.labels(cid).set(state.total)
                 STOCK_REMAINING.labels(cid).set(max(state.remaining, 0))
                 WRITER_BACKLOG.labels(cid).set(state.unwritten)
+                face = face_value(state.spec)
+                BUDGET_ISSUED.labels(cid).set(state.total * face)
+                BUDGET_USED.labels(cid).set(state.claimed * face)
 
     async def _on_message(self, data: str) -> None:
         kind, _, rest = data.partition(" ")
