@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import errors
 from gateway.redis.keys import CampaignKeys
 from tests.conftest import claim, create_campaign, spec
-from tests.servers import Gateway, RedisServer, Writer, free_port
+from tests.servers import Gateway, RedisServer, Writer, free_port, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
@@ -151,13 +151,7 @@ class Prometheus:
         eventually("prometheus to be ready", ready)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
         if hasattr(self, "log"):
             self.log.close()
