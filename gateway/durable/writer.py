@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from gateway.domain import CampaignSpec, coupon_code
 from gateway.durable.store import ClaimConflict, ClaimRow, Store, StoreUnavailable
-from gateway.events import decode_event, ensure_group
+from gateway.events import consumer_name, decode_event, ensure_group
 from gateway.metrics import WRITER_DEAD, WRITER_ERRORS, WRITER_LAG, WRITER_WRITTEN
 from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.redis.scripts import Scripts
@@ -65,7 +65,7 @@ class Writer:
         self.scripts = Scripts(client, settings.scripts_dir)
         self.store = store
         self.settings = settings
-        self.consumer = consumer or f"{os.uname().nodename}-{os.getpid()}"
+        self.consumer = consumer or consumer_name()
         self.stop = asyncio.Event()
         self.written = 0
         self.dead_lettered = 0
