@@ -47,6 +47,9 @@ BUDGET_USED = Gauge("flashclaim_budget_used", "Face value granted so far, minor 
                     ["campaign"], multiprocess_mode="mostrecent")
 WRITER_LAG = Gauge("flashclaim_writer_lag_seconds", "Grant-to-commit delay of the newest "
                    "claim the writer stored", ["campaign"], multiprocess_mode="mostrecent")
+STORE_ROWS = Gauge("flashclaim_store_rows", "Claims in the durable store, counted by the "
+                   "writer every 10 s: a continuous reconcile against grants and backlog",
+                   ["campaign"], multiprocess_mode="mostrecent")
 ADMISSION_REJECTED = Counter("flashclaim_admission_rejected",
                              "Claims turned away by the worker before Redis: per-user or "
                              "per-ip rate (429), shed from the Redis queue (503)", ["reason"])

@@ -264,6 +264,14 @@ def durability() -> Board:
         .add(series("Writer backlog", "Grants not yet in the store, per campaign; at the "
                     "backlog cap claims answer 503 overloaded.", "short",
                     q(backlog, "{{campaign}}")))
+        .add(series("Reconcile: granted = stored + backlog", "Grants in Redis (stock put up "
+                    "minus remaining) against rows in the store (counted by the writer every "
+                    "10 s) plus the unwritten backlog; a gap that stays is lost data — run "
+                    "`flashclaim reconcile`.", "short",
+                    q(f"max by (campaign) (flashclaim_stock_issued{{{C}}}) - max by (campaign) "
+                      f"(flashclaim_stock_remaining{{{C}}})", "{{campaign}} granted"),
+                    q(f"max by (campaign) (flashclaim_store_rows{{{C}}}) + {backlog}",
+                      "{{campaign}} stored + backlog")))
         .add(series("Writer lag", "Grant-to-commit delay of the newest claim stored.", "s",
                     q(f"max by (campaign) (flashclaim_writer_lag_seconds{{{C}}})",
                       "{{campaign}}")))

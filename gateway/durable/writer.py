@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from gateway.domain import CampaignSpec, coupon_code
 from gateway.durable.store import ClaimConflict, ClaimRow, Store, StoreUnavailable
 from gateway.events import consumer_name, decode_event, ensure_group
-from gateway.metrics import WRITER_DEAD, WRITER_ERRORS, WRITER_LAG, WRITER_WRITTEN
+from gateway.metrics import STORE_ROWS, WRITER_DEAD, WRITER_ERRORS, WRITER_LAG, WRITER_WRITTEN
 from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.redis.scripts import Scripts
 from gateway.settings import Settings
@@ -117,6 +117,7 @@ class CampaignDrain:
                     next_janitor = now + JANITOR_S
                 if now >= next_trim:
                     await self._trim()
+                    STORE_ROWS.labels(self.cid).set(await self.w.store.claim_count(self.cid))
                     next_trim = now + TRIM_S
                 entries = await self._read(cursor)
                 if cursor == "0" and not entries:
