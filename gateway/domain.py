@@ -117,6 +117,9 @@ def validate_spec(spec: CampaignSpec) -> CampaignSpec:
             _aware(f"{at}.valid_until", c.valid_until)
             if c.valid_until <= c.valid_from:
                 raise SpecError(f"{at}.valid_until", "Expected `valid_until` after `valid_from`")
+    if spec.admission is not None and spec.admission.waiting_room and (
+            spec.admission.admit_per_s is None):
+        raise SpecError("admission.admit_per_s", "A waiting room needs `admit_per_s`")
     if spec.id is None:
         spec = msgspec.structs.replace(spec, id=f"c-{secrets.token_hex(6)}")
     return spec

@@ -6,7 +6,8 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      │    └── BadHeader (400 bad_header)
      ├── Unauthorized (401 unauthorized)
      ├── Forbidden (403 forbidden)
-     │    └── NotEligible (403 not_eligible)
+     │    ├── NotEligible (403 not_eligible)
+     │    └── BadTicket (403 bad_ticket)
      ├── NotFound (404 not_found)
      ├── Conflict (409 conflict)
      │    ├── LimitReached (409 limit_reached)
@@ -15,7 +16,8 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      │    └── AlreadyEnded (409 ended)    operator action on an ended campaign
      ├── Gone (410)
      │    ├── SoldOut (410 sold_out)
-     │    └── Ended (410 ended)
+     │    ├── Ended (410 ended)
+     │    └── TicketExpired (410 ticket_expired)
      ├── PayloadTooLarge (413 too_large)
      ├── Unprocessable (422 invalid)
      ├── TooManyRequests (429 rate_limited)
@@ -69,6 +71,10 @@ class NotEligible(Forbidden):
     code, title = "not_eligible", "Not eligible for this campaign"
 
 
+class BadTicket(Forbidden):
+    code, title = "bad_ticket", "Waiting-room ticket refused"
+
+
 class NotFound(Problem):
     status, code, title = 404, "not_found", "Not found"
 
@@ -103,6 +109,10 @@ class SoldOut(Gone):
 
 class Ended(Gone):
     code, title = "ended", "Campaign has ended"
+
+
+class TicketExpired(Gone):
+    code, title = "ticket_expired", "Waiting-room turn passed"
 
 
 class PayloadTooLarge(Problem):

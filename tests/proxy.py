@@ -1,5 +1,6 @@
 """A loopback TCP proxy for fault tests: it forwards to a real server and can cut the link
-(drop every connection, refuse new ones) or pause it (hold the bytes, like a frozen server)."""
+(drop every connection, refuse new ones), pause it (hold the bytes, like a frozen server)
+or add latency (every chunk arrives `delay_s` later, in each direction)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ CHUNK = 64 * 1024
 
 class TcpProxy:
     """Runs in the caller's event loop: `async with TcpProxy(host, port) as p:` then
-    connect to 127.0.0.1:`p.port`; `cut()`, `pause()` and `restore()` at will."""
+    connect to 127.0.0.1:`p.port`; `cut()`, `pause()` and `restore()` at will.
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    With `delay_s`, each chunk is forwarded `delay_s` after it was read (a delay line: the
+    latency is added once per chunk, chunks in flight overlap, bandwidth is not limited)."""
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, delay_s: float = 0.0) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.delay_s = delay_s
         self.port = free_port()
         self.accepted = 0
         self._server: asyncio.Server | None = None
@@ -98,6 +103,9 @@ class TcpProxy:
         self._spawn(self._pump(up_r, client_w))
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        if self.delay_s > 0:
+            await self._delayed_pump(src, dst)
+            return
         try:
             while data := await src.read(CHUNK):
                 await self._flowing.wait()  # paused: hold the bytes, keep the socket
@@ -108,6 +116,41 @@ class TcpProxy:
         except (ConnectionError, OSError):
             pass
         finally:
+            self._writers.discard(dst)
+            with contextlib.suppress(Exception):
+                dst.transport.abort()
+
+    async def _delayed_pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await line.get()
+                if not data:
+                    return
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                await self._flowing.wait()
+                if dst.transport.is_closing():
+                    return
+                dst.write(data)
+                await dst.drain()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while data := await src.read(CHUNK):
+                line.put_nowait((loop.time() + self.delay_s, data))
+                if sender.done():
+                    break
+            line.put_nowait((loop.time() + self.delay_s, b""))  # EOF, after the last chunk
+            await sender
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
             self._writers.discard(dst)
             with contextlib.suppress(Exception):
                 dst.transport.abort()

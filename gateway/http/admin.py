@@ -76,6 +76,8 @@ async def fresh_state(gw: Gateway, cid: str) -> CampaignState:
 def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
     lim = spec.limits
     rate, burst = (spec.admission or Admission()).bucket
+    if spec.admission is not None and spec.admission.waiting_room:
+        rate = 0.0  # the room paces admissions; no token bucket behind it
     return {
         "status": "live",
         "starts": to_ms(spec.starts_at),

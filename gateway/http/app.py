@@ -12,9 +12,11 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.admission.guard import Admission
+from gateway.admission.waitingroom import RoomCache
 from gateway.http import admin, claims, ops
 from gateway.http.context import GATEWAY, Gateway
 from gateway.http.problems import problems_middleware
+from gateway.http.room import RoomRefresher
 from gateway.identity import Verifier, load_public_keys
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
@@ -52,11 +54,17 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         batcher = ClaimBatcher(
             scripts, health, settings.idempotency_ttl_s * 1000, settings.backlog_max
         )
+        room = RoomCache()
         app[GATEWAY] = Gateway(
-            settings, client, scripts, health, views, batcher, verifier, Admission(settings)
+            settings, client, scripts, health, views, batcher, verifier, Admission(settings),
+            room,
         )
         task = asyncio.create_task(views.run())
+        refresher = RoomRefresher(client, views, room)
+        room_task = asyncio.create_task(refresher.run())
         yield
+        refresher.close()
+        await room_task
         views.close()
         await batcher.close()
         await task

@@ -20,9 +20,11 @@ from gateway.domain import (
     ineligibility,
 )
 from gateway.errors import Problem
+from gateway.http import room
 from gateway.http.body import decode, read_capped
 from gateway.http.context import GATEWAY, Gateway
 from gateway.http.problems import shared_problem_response
+from gateway.http.room import uses_room
 from gateway.metrics import count_claim
 from gateway.redis.batcher import Verdict, redis_unavailable
 from gateway.redis.campaigns import CampaignState
@@ -36,7 +38,8 @@ _EMPTY = ClaimRequest()
 
 
 def campaign_wide(state: CampaignState, now_ms: int | None) -> Problem | None:
-    """The answer every caller would get right now, if there is one."""
+    """The answer every caller would get right now, if there is one. (A waiting-room
+    campaign takes callers into its queue before the start instead of `not_started`.)"""
     cid = state.id
     past_end = now_ms is not None and now_ms >= state.ends_ms + WINDOW_MARGIN_MS
     if state.status == "ended" or past_end:
@@ -45,7 +48,7 @@ def campaign_wide(state: CampaignState, now_ms: int | None) -> Problem | None:
         return errors.SoldOut(f"Campaign {cid} is sold out")
     if state.status == "paused":
         return errors.Paused(f"Campaign {cid} is paused", retry_after=5)
-    if now_ms is not None and now_ms < state.starts_ms - WINDOW_MARGIN_MS:
+    if now_ms is not None and now_ms < state.starts_ms - WINDOW_MARGIN_MS and not uses_room(state):
         return not_started(cid, state.starts_ms, now_ms)
     return None
 
@@ -174,6 +177,11 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
     if why_not is not None:
         raise errors.NotEligible(why_not)
     ikey = idempotency_key(request.headers.get("Idempotency-Key"))
+    if uses_room(state):
+        admitted = await room.gate(gw, state, who, request.headers.get(room.TICKET_HEADER), ikey)
+        if isinstance(admitted, web.Response):
+            return admitted
+        ikey = admitted
     claim = (who.user_id, who.device_h, who.phone_h, request.remote or "", ikey, req.channel or "")
     # Repeat clicks in flight share one Redis decision where a second claim could not be
     # granted anyway; a follower hears what Redis would have told it: the same grant for

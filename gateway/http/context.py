@@ -8,6 +8,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway.admission.guard import Admission
+from gateway.admission.waitingroom import RoomCache
 from gateway.identity import Verifier
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
@@ -26,6 +27,7 @@ class Gateway:
     batcher: ClaimBatcher
     verifier: Verifier
     admission: Admission
+    room: RoomCache
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

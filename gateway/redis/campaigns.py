@@ -92,6 +92,9 @@ class CampaignViews:
             return None
         return int(self._clock() * 1000 + self._offset_ms)
 
+    def states(self) -> list[CampaignState]:
+        return list(self._states.values())
+
     def cached(self, campaign_id: str) -> CampaignState | None:
         """The hot path: memory only."""
         return self._states.get(campaign_id)

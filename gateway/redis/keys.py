@@ -22,6 +22,7 @@ class CampaignKeys(NamedTuple):
     idem_exp: str  # zset "user\nkey" by expiry ms
     events: str  # stream: the claim outbox
     dead: str  # stream: events the writer gave up on, with the reason
+    room: str  # zset: the waiting room, user by queue score
 
     @classmethod
     def of(cls, campaign_id: str) -> CampaignKeys:

@@ -25,8 +25,9 @@ class Scripts:
         self._restock = load("restock")
         self._ack = load("ack")
         self._set_admission = load("set_admission")
+        self._room_enter = load("room_enter")
         self._all = (self._claim, self._create, self._set_status, self._restock, self._ack,
-                     self._set_admission)
+                     self._set_admission, self._room_enter)
         self.client = client
 
     async def load_all(self) -> None:
@@ -67,6 +68,12 @@ class Scripts:
         keys = [CampaignKeys.of(campaign_id).meta]
         args = [CHANGES, campaign_id, repr(rate), burst, spec_json]
         return int(await self._set_admission(keys=keys, args=args))
+
+    async def room_enter(self, campaign_id: str, user_id: str, shuffle_score: int) -> int:
+        keys = CampaignKeys.of(campaign_id)
+        score = await self._room_enter(keys=[keys.meta, keys.room],
+                                       args=[user_id, shuffle_score])
+        return int(float(score))
 
     async def ack(self, campaign_id: str, group: str, ids: Sequence[str]) -> int:
         keys = CampaignKeys.of(campaign_id)
