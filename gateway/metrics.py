@@ -47,6 +47,10 @@ BUDGET_USED = Gauge("flashclaim_budget_used", "Face value granted so far, minor 
                     ["campaign"], multiprocess_mode="mostrecent")
 WRITER_LAG = Gauge("flashclaim_writer_lag_seconds", "Grant-to-commit delay of the newest "
                    "claim the writer stored", ["campaign"], multiprocess_mode="mostrecent")
+ROOM_TICKETS = Gauge("flashclaim_waiting_room_tickets", "Users in a campaign's waiting room",
+                     ["campaign"], multiprocess_mode="mostrecent")
+ROOM_SERVING = Gauge("flashclaim_waiting_room_serving", "Waiting-room positions admitted so far",
+                     ["campaign"], multiprocess_mode="mostrecent")
 STORE_ROWS = Gauge("flashclaim_store_rows", "Claims in the durable store, counted by the "
                    "writer every 10 s: a continuous reconcile against grants and backlog",
                    ["campaign"], multiprocess_mode="mostrecent")

@@ -168,6 +168,12 @@ def release() -> Board:
                     "code (sold_out, limit_reached, rate_limited, unavailable, ...).", "reqps",
                     q(f'sum by (outcome) (rate(flashclaim_claims_total{{{C},outcome!="granted"}}'
                       f"[{RI}]))", "{{outcome}}"), stacked=True))
+        .add(series("Waiting rooms", "Users queued and positions admitted so far, for "
+                    "every campaign with a waiting room.", "short",
+                    q("max by (campaign) (flashclaim_waiting_room_tickets)",
+                      "{{campaign}} queued"),
+                    q("max by (campaign) (flashclaim_waiting_room_serving)",
+                      "{{campaign}} admitted")))
         .add(series("Claim latency p50 / p99", f"POST {CLAIM_ROUTE}, all campaigns (the "
                     "route label does not carry the campaign).", "s",
                     *quantiles("flashclaim_http_request_duration_seconds", "",

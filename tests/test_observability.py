@@ -209,8 +209,9 @@ def exercised(rig: Rig) -> Rig:
     so that every metric the boards and rules name has samples."""
     gw = rig.gw
 
-    def create(stock: int) -> str:
-        status, doc = http_json(gw.base + "/v1/campaigns", json.dumps(spec(stock=stock)).encode(),
+    def create(stock: int, **over: Any) -> str:
+        body = json.dumps(spec(stock=stock, **over)).encode()
+        status, doc = http_json(gw.base + "/v1/campaigns", body,
                                 {**gw.admin_headers, "Content-Type": "application/json"}, "POST")
         assert status == 201, doc
         return str(doc["id"])
@@ -219,6 +220,9 @@ def exercised(rig: Rig) -> Rig:
         return set(Scrape.of(scrape(gw)).samples)
 
     rig.sold, rig.open = create(3), create(1000)
+    room = create(10, admission={"admit_per_s": 10, "waiting_room": True})
+    for i in range(4):  # new connections: both workers learn the room campaign
+        assert post_claim(gw, room, f"queued-{i}")[0] == 202
     assert post_claim(gw, rig.sold, "u1")[0] == 201
     assert post_claim(gw, rig.sold, "u1")[1]["code"] == "limit_reached"
     assert post_claim(gw, rig.sold, "u9", token="not-a-token")[1]["code"] == "unauthorized"
@@ -232,7 +236,8 @@ def exercised(rig: Rig) -> Rig:
         r.xadd(CampaignKeys.of(rig.sold).events, {"v": "1", "claim_id": "broken"})
     finally:
         r.close()
-    writer_side = {"flashclaim_writer_written_total", "flashclaim_writer_dead_lettered_total"}
+    writer_side = {"flashclaim_writer_written_total", "flashclaim_writer_dead_lettered_total",
+                   "flashclaim_waiting_room_tickets"}
     eventually("writer metrics on /metrics", lambda: writer_side <= names())
     rig.redis.stop()
     try:

@@ -27,6 +27,7 @@ from gateway.admission.waitingroom import (
 )
 from gateway.domain import Admission, Identity
 from gateway.http.context import Gateway
+from gateway.metrics import ROOM_SERVING, ROOM_TICKETS
 from gateway.redis.batcher import redis_unavailable
 from gateway.redis.campaigns import CampaignState, CampaignViews
 from gateway.redis.keys import CampaignKeys
@@ -103,11 +104,17 @@ class RoomRefresher:
     async def run(self) -> None:
         while not self._stop.is_set():
             try:
+                now = self._views.redis_now_ms()
                 for state in self._views.states():
                     if uses_room(state):
                         pairs: Any = await self._client.zrange(
                             CampaignKeys.of(state.id).room, 0, -1, withscores=True)
                         self._cache.update(state.id, [int(s) for _, s in pairs])
+                        ROOM_TICKETS.labels(state.id).set(len(pairs))
+                        if now is not None:
+                            rate, burst = (state.spec.admission or Admission()).bucket
+                            ROOM_SERVING.labels(state.id).set(
+                                min(len(pairs), serving(state.starts_ms, now, rate, burst)))
             except (RedisError, OSError) as e:
                 log.warning("waiting-room refresh failed: %r", e)
             with contextlib.suppress(TimeoutError):
