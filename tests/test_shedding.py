@@ -254,3 +254,4 @@ def test_release_without_acquire_is_an_error() -> None:
     lim = ConcurrencyLimiter(1)
     with pytest.raises(RuntimeError):
         lim.release()
+

@@ -45,6 +45,15 @@ def serving(starts_ms: int, now_ms: int, rate: float, burst: int) -> int:
     return burst + math.floor(rate * (now_ms - starts_ms) / 1000)
 
 
+def admission_limit(starts_ms: int, now_ms: int, rate: float, burst: int, claimed: int,
+                    remaining: int) -> int:
+    """Positions admitted now: the serving counter, but never more turns open than units
+    left. Turns older than the admission window are settled (claimed or expired), so the
+    queue never stalls on those who did not come back."""
+    settled = max(claimed, serving(starts_ms, now_ms - ADMIT_WINDOW_MS, rate, burst))
+    return min(serving(starts_ms, now_ms, rate, burst), settled + max(remaining, 0))
+
+
 def admitted_at_ms(position: int, starts_ms: int, rate: float, burst: int) -> int:
     """When `position` is admitted."""
     return starts_ms + max(0, math.ceil((position - burst + 1) * 1000 / rate))

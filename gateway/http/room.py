@@ -19,6 +19,7 @@ from gateway import errors
 from gateway.admission.waitingroom import (
     ADMIT_WINDOW_MS,
     RoomCache,
+    admission_limit,
     admitted_at_ms,
     make_ticket,
     read_ticket,
@@ -76,7 +77,8 @@ async def gate(gw: Gateway, state: CampaignState, who: Identity, ticket: str | N
         if score_or_none is None:
             raise errors.BadTicket("That waiting-room ticket is not yours or not valid")
         score = score_or_none
-        limit = serving(state.starts_ms, now, rate, burst)
+        limit = admission_limit(state.starts_ms, now, rate, burst, state.claimed,
+                                state.remaining)
         if gw.room.position(cid, score) >= limit:  # answered from the cache
             return _waiting(cid, ticket, gw.room.position(cid, score), now, state.starts_ms,
                             rate, burst)
