@@ -16,11 +16,19 @@ from pathlib import Path
 
 import redis
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, and never one this test process handed out before: a
+    server picks its port before it binds, so two pickers could otherwise collide."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, timeout_s: float = 15) -> None:
@@ -125,7 +133,7 @@ class Gateway:
         )
         self.wait_ready()
 
-    def wait_ready(self, timeout_s: float = 20) -> None:
+    def wait_ready(self, timeout_s: float = 40) -> None:
         """Ready when /readyz answered 200 several times in a row (reaching every worker)."""
         deadline = time.monotonic() + timeout_s
         streak = 0
