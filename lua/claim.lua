@@ -35,20 +35,19 @@ end
 if not m[1] then return all(11, '') end
 local remaining = tonumber(m[8])
 out[2] = remaining
-if m[1] == 'ended' or now >= tonumber(m[3]) then return all(9, '') end
-if m[1] == 'paused' then return all(10, '') end
-if now < tonumber(m[2]) then return all(8, m[2]) end
-if backlog_max > 0 and (tonumber(m[9]) or 0) >= backlog_max then return all(12, '') end
+-- a campaign-wide answer; a retry with a known Idempotency-Key still gets its grant back
+local wide, wide_data = 0, ''
+if m[1] == 'ended' or now >= tonumber(m[3]) then wide = 9
+elseif m[1] == 'paused' then wide = 10
+elseif now < tonumber(m[2]) then wide, wide_data = 8, m[2]
+elseif backlog_max > 0 and (tonumber(m[9]) or 0) >= backlog_max then wide = 12
+end
 
 local per_user = tonumber(m[4])
 local per_device, per_phone, per_ip = tonumber(m[5]), tonumber(m[6]), tonumber(m[7])
 
 local function over(key, field, limit)
   return limit > 0 and field ~= '' and (tonumber(redis.call('HGET', key, field)) or 0) >= limit
-end
-
-local function bump(key, field, limit)
-  if limit > 0 and field ~= '' then redis.call('HINCRBY', key, field, 1) end
 end
 
 local rate = tonumber(m[11]) or 0
@@ -70,6 +69,8 @@ for i = 0, n - 1 do
   local code, data = 0, ''
   if prior then
     code, data = 2, prior
+  elseif wide > 0 then
+    code, data = wide, wide_data
   elseif over(users, user, per_user) then
     code = 4
   elseif over(devices, dev, per_device) then
@@ -90,7 +91,7 @@ for i = 0, n - 1 do
     local nth = redis.call('HINCRBY', users, user, 1)
     -- devices and addresses are always counted: the operators' anomaly view reads them
     if dev ~= '' then redis.call('HINCRBY', devices, dev, 1) end
-    bump(phones, phone, per_phone)
+    if per_phone > 0 and phone ~= '' then redis.call('HINCRBY', phones, phone, 1) end
     if ip ~= '' then redis.call('HINCRBY', ips, ip, 1) end
     local prev = redis.call('HGET', grants, user)
     redis.call('HSET', grants, user, prev and (prev .. ',' .. data) or data)

@@ -78,3 +78,13 @@ async def test_admission_changes_live(gateway: Gateway, http: aiohttp.ClientSess
     # another all pass, where at 1/s nine of ten were refused
     second = [await claim(http, gateway, c["id"], t) for t in tokens[10:]]
     assert all(a[0] == 201 for a in second), [a[0] for a in second]
+
+
+async def test_a_waiting_room_needs_a_rate(gateway: Gateway, http: aiohttp.ClientSession) -> None:
+    c = await create_campaign(http, gateway, stock=10)
+    async with http.put(f"{gateway.base}/v1/campaigns/{c['id']}/admission",
+                        json={"waiting_room": True}, headers=gateway.admin_headers) as r:
+        doc = await r.json(content_type=None)
+    assert (r.status, doc["code"]) == (422, "invalid"), doc
+    status, _, _ = await claim(http, gateway, c["id"], gateway.token("after-422"))
+    assert status == 201

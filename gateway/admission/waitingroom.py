@@ -71,6 +71,3 @@ class RoomCache:
     def position(self, campaign_id: str, score: int) -> int:
         """0-based rank of `score` (where it would stand if not seen yet)."""
         return bisect.bisect_left(self._scores.get(campaign_id, []), score)
-
-    def size(self, campaign_id: str) -> int:
-        return len(self._scores.get(campaign_id, []))

@@ -169,6 +169,7 @@ class CampaignDrain:
         """Store a batch, ack what is stored; returns how many entries stay pending."""
         done: list[str] = []
         rows: list[ClaimRow] = []
+        fields_by_id = dict(entries)
         bad: list[tuple[str, dict[Any, Any], str]] = []
         for entry_id, fields in entries:
             if not fields:  # trimmed away while pending: nothing left to store
@@ -192,7 +193,7 @@ class CampaignDrain:
                     except ClaimConflict as e:
                         log.error("CLAIM CONFLICT in %s (%s): Redis may have lost data: %s",
                                   self.cid, r.event.claim_id, e)
-                        bad.append((r.stream_id, dict(entries)[r.stream_id], f"conflict: {e}"))
+                        bad.append((r.stream_id, fields_by_id[r.stream_id], f"conflict: {e}"))
         if self.w.settings.fault == "writer_crash_after_commit" and rows:
             log.error("fault point: exiting between commit and ack")
             os._exit(137)

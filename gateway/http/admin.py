@@ -73,11 +73,18 @@ async def fresh_state(gw: Gateway, cid: str) -> CampaignState:
     return state
 
 
-def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
-    lim = spec.limits
+def script_bucket(spec: CampaignSpec) -> tuple[float, int]:
+    """The token bucket lua/claim.lua enforces: the admission rate, or none when a waiting
+    room paces admissions instead."""
     rate, burst = (spec.admission or Admission()).bucket
     if spec.admission is not None and spec.admission.waiting_room:
-        rate = 0.0  # the room paces admissions; no token bucket behind it
+        return 0.0, burst
+    return rate, burst
+
+
+def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
+    lim = spec.limits
+    rate, burst = script_bucket(spec)
     return {
         "status": "live",
         "starts": to_ms(spec.starts_at),
@@ -169,8 +176,11 @@ async def set_admission(request: web.Request) -> web.Response:
     cid = request.match_info["id"]
     admission = decode(admission_decoder, await read_capped(request, 4096))
     state = await load_state(gw, cid)
-    spec = msgspec.structs.replace(state.spec, admission=admission)
-    rate, burst = admission.bucket
+    try:
+        spec = validate_spec(msgspec.structs.replace(state.spec, admission=admission))
+    except SpecError as e:
+        raise errors.Unprocessable(str(e), field=f"$.{e.field}") from None
+    rate, burst = script_bucket(spec)
     result = await gw.scripts.set_admission(cid, rate, burst, encoder.encode(spec).decode())
     if result == 0:
         raise errors.NotFound(f"No campaign {cid!r}")

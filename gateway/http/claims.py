@@ -178,7 +178,7 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
         raise errors.NotEligible(why_not)
     ikey = idempotency_key(request.headers.get("Idempotency-Key"))
     if uses_room(state):
-        admitted = await room.gate(gw, state, who, request.headers.get(room.TICKET_HEADER), ikey)
+        admitted = await room.gate(gw, state, who, request.headers.get(room.TICKET_HEADER))
         if isinstance(admitted, web.Response):
             return admitted
         ikey = admitted

@@ -59,8 +59,8 @@ def _waiting(cid: str, ticket: str, position: int, now_ms: int, starts_ms: int,
     return resp
 
 
-async def gate(gw: Gateway, state: CampaignState, who: Identity, ticket: str | None,
-               ikey: str) -> web.Response | str:
+async def gate(gw: Gateway, state: CampaignState, who: Identity,
+               ticket: str | None) -> web.Response | str:
     """A `202` to keep waiting, or the Idempotency-Key an admitted claim goes on with."""
     cid, key = state.id, gw.settings.signing_key
     rate, burst = (state.spec.admission or Admission()).bucket
@@ -73,15 +73,14 @@ async def gate(gw: Gateway, state: CampaignState, who: Identity, ticket: str | N
                                                 shuffle_score(key, cid, who.user_id))
             return _waiting(cid, make_ticket(key, cid, who.user_id, score),
                             gw.room.position(cid, score), now, state.starts_ms, rate, burst)
-        score_or_none = read_ticket(key, cid, who.user_id, ticket)
-        if score_or_none is None:
+        held = read_ticket(key, cid, who.user_id, ticket)
+        if held is None:
             raise errors.BadTicket("That waiting-room ticket is not yours or not valid")
-        score = score_or_none
         limit = admission_limit(state.starts_ms, now, rate, burst, state.claimed,
                                 state.remaining)
-        if gw.room.position(cid, score) >= limit:  # answered from the cache
-            return _waiting(cid, ticket, gw.room.position(cid, score), now, state.starts_ms,
-                            rate, burst)
+        position = gw.room.position(cid, held)
+        if position >= limit:  # answered from the cache
+            return _waiting(cid, ticket, position, now, state.starts_ms, rate, burst)
         found: Any = await gw.client.zrank(CampaignKeys.of(cid).room, who.user_id)  # exact
     except (RedisError, OSError):
         raise redis_unavailable() from None
@@ -93,7 +92,7 @@ async def gate(gw: Gateway, state: CampaignState, who: Identity, ticket: str | N
     if now > admitted_at_ms(rank, state.starts_ms, rate, burst) + ADMIT_WINDOW_MS:
         raise errors.TicketExpired(
             "Your turn in the waiting room has passed; claim without the ticket to rejoin")
-    return ikey or f"room:{score}"
+    return f"room:{held}"  # one claim per turn, whatever key the client sent
 
 
 class RoomRefresher:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 from redis.exceptions import ConnectionError, RedisError, ResponseError
 
 from gateway.domain import Outcome
-from gateway.errors import Unavailable
+from gateway.errors import Problem, Unavailable
 from gateway.metrics import REDIS_BATCH, REDIS_ERRORS, REDIS_ROUNDTRIP
 from gateway.redis.health import RedisHealth
 from gateway.redis.scripts import ClaimArgs, Scripts
@@ -94,30 +94,41 @@ class ClaimBatcher:
             raw = await self._scripts.claim(
                 campaign_id, [c for c, _ in items], self._idem_ttl_ms, self._backlog_max
             )
+            now_ms, remaining, version = int(raw[0]), int(raw[1]), int(raw[2])
+            verdicts = [
+                Verdict(Outcome(int(raw[3 + 2 * i])), str(raw[4 + 2 * i]), now_ms, remaining,
+                        version)
+                for i in range(len(items))
+            ]
         except (RedisError, OSError) as e:
             self._health.failed()
-            if isinstance(e, ConnectionError | OSError):
-                # Redis went away: its other pooled connections are dead too
-                await self._scripts.client.connection_pool.disconnect(inuse_connections=False)
             REDIS_ERRORS.labels(type(e).__name__).inc()
             if isinstance(e, ResponseError) and not str(e).startswith(_TRANSIENT):
                 log.error("claim script error for %s: %r", campaign_id, e)
             else:
                 log.warning("claim batch for %s failed: %r", campaign_id, e)
-            for _, fut in items:
-                if not fut.done():
-                    fut.set_exception(redis_unavailable())
+            self._fail(items, redis_unavailable())
+            if isinstance(e, ConnectionError | OSError):
+                # Redis went away: its other pooled connections are dead too
+                await self._scripts.client.connection_pool.disconnect(inuse_connections=False)
             return
+        except BaseException:
+            log.exception("claim batch for %s failed unexpectedly", campaign_id)
+            self._fail(items, Problem("The claim could not be decided"))
+            raise
         self._health.ok()
         REDIS_ROUNDTRIP.observe(time.perf_counter() - started)
         REDIS_BATCH.observe(len(items))
-        now_ms, remaining, version = int(raw[0]), int(raw[1]), int(raw[2])
-        for i, (_, fut) in enumerate(items):
+        for (_, fut), verdict in zip(items, verdicts, strict=True):
             if not fut.done():
-                code, data = raw[3 + 2 * i], raw[4 + 2 * i]
-                fut.set_result(
-                    Verdict(Outcome(int(code)), str(data), now_ms, remaining, version)
-                )
+                fut.set_result(verdict)
+
+    @staticmethod
+    def _fail(items: list[tuple[ClaimArgs, asyncio.Future[Verdict]]], e: Exception) -> None:
+        """Every waiting claim gets an answer, whatever happened to its batch."""
+        for _, fut in items:
+            if not fut.done():
+                fut.set_exception(e)
 
     async def close(self) -> None:
         if self._tasks:
