@@ -3,6 +3,7 @@ restart or reconfigure it) and `flashclaim serve` as a subprocess with N workers
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -196,6 +198,22 @@ class Writer:
     def stop(self) -> None:
         terminate(self.proc)
         self.proc = None
+
+
+@contextlib.contextmanager
+def private_stack(
+    redis_dir: Path, gateway_dir: Path, *, workers: int = 2, **env: str
+) -> Iterator[tuple[RedisServer, Gateway]]:
+    """A Redis and a gateway of the caller's own (to stop, kill or reconfigure)."""
+    rs = RedisServer(redis_dir)
+    gw = Gateway(rs.url, gateway_dir, workers=workers, **env)
+    try:
+        rs.start()
+        gw.start()
+        yield rs, gw
+    finally:
+        gw.stop()
+        rs.stop()
 
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"

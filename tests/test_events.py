@@ -18,7 +18,7 @@ from gateway import events as claim_events
 from gateway.events import ClaimEvent, Delivery
 from gateway.redis.keys import CampaignKeys
 from tests.conftest import claim, create_campaign
-from tests.servers import Gateway, RedisServer
+from tests.servers import Gateway, RedisServer, private_stack
 
 N = 1000
 WAIT_S = 30.0
@@ -26,15 +26,9 @@ WAIT_S = 30.0
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, Gateway]]:
-    rs = RedisServer(tmp_path_factory.mktemp("events-redis"))
-    gw = Gateway(rs.url, tmp_path_factory.mktemp("events-gateway"), workers=2)
-    try:
-        rs.start()
-        gw.start()
-        yield rs, gw
-    finally:
-        gw.stop()
-        rs.stop()
+    with private_stack(tmp_path_factory.mktemp("events-redis"),
+                       tmp_path_factory.mktemp("events-gateway")) as stack:
+        yield stack
 
 
 @pytest.fixture

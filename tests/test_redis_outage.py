@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import create_campaign
-from tests.servers import Gateway, RedisServer
+from tests.servers import Gateway, RedisServer, private_stack
 
 FAST_S = 1.0  # every answer while Redis is down
 HUNG_S = 1.5  # while Redis hangs: the 1 s Redis timeout plus scheduling slack
@@ -27,15 +27,8 @@ STOCK = 1000
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[tuple[RedisServer, Gateway]]:
     """A Redis and a 2-worker gateway of this test's own: it stops that Redis."""
-    redis = RedisServer(tmp_path / "redis")
-    gw = Gateway(redis.url, tmp_path / "gateway", workers=2)
-    try:
-        redis.start()
-        gw.start()
-        yield redis, gw
-    finally:
-        gw.stop()
-        redis.stop()
+    with private_stack(tmp_path / "redis", tmp_path / "gateway") as stack:
+        yield stack
 
 
 @pytest.fixture

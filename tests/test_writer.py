@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.redis.keys import CampaignKeys
 from tests.conftest import create_campaign
-from tests.servers import Gateway, RedisServer, Writer
+from tests.servers import Gateway, RedisServer, Writer, private_stack
 
 GROUP = "writer"
 CONCURRENCY = 256
@@ -94,15 +94,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[tuple[RedisServer, Gateway]]:
     """A Redis and 2-worker gateway of this test's own: writers drain every campaign in it."""
-    rs = RedisServer(tmp_path / "redis")
-    gw = Gateway(rs.url, tmp_path / "gateway", workers=2)
-    try:
-        rs.start()
-        gw.start()
-        yield rs, gw
-    finally:
-        gw.stop()
-        rs.stop()
+    with private_stack(tmp_path / "redis", tmp_path / "gateway") as stack:
+        yield stack
 
 
 @pytest.fixture
