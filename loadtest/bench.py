@@ -87,6 +87,13 @@ def wrk(url: str, duration: int, connections: int, script: Path,
             "socket_errors": errors.group(1) if errors else ""}  # type: ignore[dict-item]
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(15)
+
+
 def commandstats(r: redis.Redis) -> dict[str, int]:
     info: Any = r.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
@@ -188,10 +195,7 @@ def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
         click.echo(render(med, workers, connections))
         click.echo(f"\nwritten to loadtest/results/{name}")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(15)
+        stop_processes(procs)
         embedded.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 

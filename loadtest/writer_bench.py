@@ -24,7 +24,7 @@ import redis
 
 from gateway.embedded import EmbeddedRedis
 from gateway.identity import mint_token
-from loadtest.bench import HERE, admin, free_port, wait_http, wrk
+from loadtest.bench import HERE, admin, free_port, stop_processes, wait_http, wrk
 
 
 async def _new_database(admin_dsn: str) -> str:
@@ -102,10 +102,7 @@ def main(admin_dsn: str, workers: int, duration: int, connections: int, n_tokens
                    f"{write_rate:.0f}/s into PostgreSQL")
         click.echo(f"writer / gateway = {write_rate / grant_rate:.2f}x")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(15)
+        stop_processes(procs)
         embedded.stop()
         asyncio.run(_drop_database(store_url))
         shutil.rmtree(tmp, ignore_errors=True)

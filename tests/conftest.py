@@ -92,3 +92,11 @@ def pg_url() -> Iterator[str]:
     url = create_pg_database()
     yield url
     drop_pg_database(url)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A durable store of each kind: a fresh PostgreSQL database, or SQLite in tmp_path."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store' / 'claims.db'}"
+    return str(request.getfixturevalue("pg_url"))  # sync: it runs its own event loop

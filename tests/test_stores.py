@@ -35,13 +35,6 @@ class Opened:
             await conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store' / 'claims.db'}"
-    return str(request.getfixturevalue("pg_url"))  # sync: it runs its own event loop
-
-
 @pytest.fixture
 async def opened(store_url: str) -> AsyncIterator[Opened]:
     store = await open_store(store_url)

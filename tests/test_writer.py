@@ -84,13 +84,6 @@ class Stack:
         return proc.returncode, out.decode()
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store' / 'claims.db'}"
-    return str(request.getfixturevalue("pg_url"))  # sync: it runs its own event loop
-
-
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[tuple[RedisServer, Gateway]]:
     """A Redis and 2-worker gateway of this test's own: writers drain every campaign in it."""
