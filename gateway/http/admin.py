@@ -57,14 +57,6 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=encoder.encode(obj), status=status, content_type="application/json")
 
 
-async def load_state(gw: Gateway, cid: str) -> CampaignState:
-    meta = await gw.client.hgetall(CampaignKeys.of(cid).meta)
-    state = parse_meta(cid, meta)
-    if state is None:
-        raise errors.NotFound(f"No campaign {cid!r}")
-    return state
-
-
 async def fresh_state(gw: Gateway, cid: str) -> CampaignState:
     """Reload into this worker's view too, so it serves its own write at once."""
     state = await gw.views.load(cid)
@@ -131,7 +123,7 @@ async def list_campaigns(request: web.Request) -> web.Response:
 
 async def show_campaign(request: web.Request) -> web.Response:
     gw = require_admin(request)
-    return json_response(info(await load_state(gw, request.match_info["id"])))
+    return json_response(info(await fresh_state(gw, request.match_info["id"])))
 
 
 async def _set_status(request: web.Request, status: str) -> web.Response:
@@ -175,7 +167,7 @@ async def set_admission(request: web.Request) -> web.Response:
     gw = require_admin(request)
     cid = request.match_info["id"]
     admission = decode(admission_decoder, await read_capped(request, 4096))
-    state = await load_state(gw, cid)
+    state = await fresh_state(gw, cid)
     try:
         spec = validate_spec(msgspec.structs.replace(state.spec, admission=admission))
     except SpecError as e:
@@ -203,7 +195,7 @@ async def top_claimants(request: web.Request) -> web.Response:
         limit = min(max(int(request.query.get("limit", "20")), 1), 1000)
     except ValueError:
         raise errors.Unprocessable("`limit` must be an integer", field="limit") from None
-    await load_state(gw, cid)  # 404 for an unknown campaign
+    await fresh_state(gw, cid)  # 404 for an unknown campaign
     key = getattr(CampaignKeys.of(cid), TOP_BY[by])
     counts = [(int(n), str(k)) async for k, n in gw.client.hscan_iter(key, count=1000)]
     top = heapq.nlargest(limit, counts)
