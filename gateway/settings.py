@@ -39,6 +39,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     user_burst: int = 10
     ip_rate_per_s: float = 0.0  # off by default: behind NAT or a proxy many users share one
     ip_burst: int = 200
+    trusted_proxies: str = ""  # CIDRs whose X-Forwarded-For names the caller; empty: none
     redis_inflight: int = 512  # claims per worker waiting on Redis at once
     redis_queue: int = 2048  # claims queued for a slot; beyond: 503
     redis_queue_wait_s: float = 0.5  # the longest a claim queues (shorter under overload)

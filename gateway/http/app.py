@@ -15,6 +15,7 @@ from gateway.admission.guard import Admission
 from gateway.admission.waitingroom import RoomCache
 from gateway.http import admin, claims, ops
 from gateway.http.context import GATEWAY, Gateway
+from gateway.http.peer import PeerResolver
 from gateway.http.problems import problems_middleware
 from gateway.http.room import RoomRefresher
 from gateway.identity import Verifier, load_public_keys
@@ -37,6 +38,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     if not settings.admin_token:
         raise RuntimeError("FLASHCLAIM_ADMIN_TOKEN is not set")
     verifier = make_verifier(settings, clock)
+    peers = PeerResolver(settings.trusted_proxies)  # a bad CIDR stops start-up here
     app = web.Application(middlewares=[problems_middleware], client_max_size=256 * 1024)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -57,7 +59,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         room = RoomCache()
         app[GATEWAY] = Gateway(
             settings, client, scripts, health, views, batcher, verifier, Admission(settings),
-            room,
+            room, peers,
         )
         task = asyncio.create_task(views.run())
         refresher = RoomRefresher(client, views, room)

@@ -182,7 +182,8 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
         if isinstance(admitted, web.Response):
             return admitted
         ikey = admitted
-    claim = (who.user_id, who.device_h, who.phone_h, request.remote or "", ikey, req.channel or "")
+    ip = gw.peers.address(request)
+    claim = (who.user_id, who.device_h, who.phone_h, ip, ikey, req.channel or "")
     # Repeat clicks in flight share one Redis decision where a second claim could not be
     # granted anyway; a follower hears what Redis would have told it: the same grant for
     # the same Idempotency-Key, else limit_reached naming the grant.

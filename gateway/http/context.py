@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from gateway.admission.guard import Admission
 from gateway.admission.waitingroom import RoomCache
+from gateway.http.peer import PeerResolver
 from gateway.identity import Verifier
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
@@ -28,6 +29,7 @@ class Gateway:
     verifier: Verifier
     admission: Admission
     room: RoomCache
+    peers: PeerResolver
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
