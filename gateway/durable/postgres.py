@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from gateway.domain import from_ms
-from gateway.durable.store import ClaimConflict, ClaimRow, StoreUnavailable
+from gateway.durable.store import ClaimConflict, ClaimRow, StoredClaim, StoreUnavailable
 
 MIGRATIONS = [
     """
@@ -111,6 +111,12 @@ class PostgresStore:
         rows = await self._pool.fetch(
             "SELECT claim_id FROM claims WHERE campaign_id = $1", campaign_id)
         return {r[0] for r in rows}
+
+    async def claim_rows(self, campaign_id: str) -> list[StoredClaim]:
+        rows = await self._pool.fetch(
+            "SELECT claim_id, user_id, seq, device, phone, ip FROM claims "
+            "WHERE campaign_id = $1", campaign_id)
+        return [StoredClaim(*r) for r in rows]
 
     async def close(self) -> None:
         await self._pool.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiosqlite
 
 from gateway.domain import from_ms
-from gateway.durable.store import ClaimConflict, ClaimRow, StoreUnavailable
+from gateway.durable.store import ClaimConflict, ClaimRow, StoredClaim, StoreUnavailable
 
 MIGRATIONS = [
     """
@@ -119,6 +119,13 @@ class SQLiteStore:
             "SELECT claim_id FROM claims WHERE campaign_id = ?", (campaign_id,)
         ) as cur:
             return {str(r[0]) async for r in cur}
+
+    async def claim_rows(self, campaign_id: str) -> list[StoredClaim]:
+        async with self._db.execute(
+            "SELECT claim_id, user_id, seq, device, phone, ip FROM claims WHERE campaign_id = ?",
+            (campaign_id,),
+        ) as cur:
+            return [StoredClaim(*r) async for r in cur]
 
     async def close(self) -> None:
         await self._db.close()

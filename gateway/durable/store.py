@@ -34,6 +34,17 @@ class ClaimRow(msgspec.Struct, frozen=True):
     stream_id: str  # where it came from, for audits
 
 
+class StoredClaim(msgspec.Struct, frozen=True):
+    """What an audit reads back of a stored claim (`device`, `phone` are keyed hashes)."""
+
+    claim_id: str
+    user_id: str
+    seq: int
+    device: str
+    phone: str
+    ip: str
+
+
 class Store(Protocol):
     async def migrate(self) -> None:
         """Create or upgrade the schema."""
@@ -47,6 +58,8 @@ class Store(Protocol):
     async def claim_count(self, campaign_id: str) -> int: ...
 
     async def claim_ids(self, campaign_id: str) -> set[str]: ...
+
+    async def claim_rows(self, campaign_id: str) -> list[StoredClaim]: ...
 
     async def close(self) -> None: ...
 
