@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system run test lint typecheck unit clean grafana prometheus bench
+.PHONY: setup system run test lint typecheck unit clean grafana prometheus bench rehearse
 
 setup: system $(STAMP)
 
@@ -44,6 +44,11 @@ prometheus: system
 # The benchmark of the claim endpoint against a hello endpoint (see docs/performance.md).
 bench: setup
 	$(BIN)/python -m loadtest.bench --workers 2 --runs 3 --duration 10
+
+# A Locust release rehearsal ending in the verifier's verdict (see docs/loadtest.md).
+SCENARIO ?= release
+rehearse: setup
+	$(BIN)/python -m loadtest.run $(SCENARIO)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -169,10 +169,13 @@ def summarize(env: Environment, records: list[Record]) -> dict[str, Any]:
             mine = statuses.setdefault(r.role, {})
             for k, n in r.statuses.items():
                 mine[k] = mine.get(k, 0) + n
+    in_hold = sum(1 for t in times if knobs.t0 <= t < knobs.t0 + knobs.hold_s)
     return {
         "scenario": knobs.scenario, "campaign": knobs.campaign, "peak_users": knobs.peak,
+        "t0": knobs.t0, "hold_s": knobs.hold_s,
         "grants_seen": len(grants), "grant_span_s": round(span, 2),
         "claims_per_s": round(len(grants) / span, 1) if span else 0.0,
+        "hold_claims_per_s": round(in_hold / knobs.hold_s, 1),
         "restocks": sum(r.quantity for r in records if isinstance(r, RestockDone)),
         "claim": latency(env, "claim") if knobs.scenario != "bots" else {
             role: latency(env, f"claim [{role}]") for role in ("bot", "human")},

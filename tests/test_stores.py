@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.durable.store import ClaimConflict, ClaimRow, Store, open_store
+from gateway.durable.store import ClaimConflict, ClaimRow, Store, StoredClaim, open_store
 from gateway.events import ClaimEvent
 
 GRANTED_AT = 1_767_225_600_000  # 2026-01-01T00:00:00Z in ms
@@ -74,6 +74,9 @@ async def test_insert_is_idempotent(opened: Opened) -> None:
     assert await store.insert_claims(more) == 10
     assert await store.claim_count("c1") == 60
     assert await store.claim_ids("c1") == {f"c1.{s}" for s in range(1, 61)}
+    rows_back = sorted(await store.claim_rows("c1"), key=lambda r: r.seq)
+    assert [r.seq for r in rows_back] == list(range(1, 61))
+    assert rows_back[6] == StoredClaim("c1.7", "user-7", 7, "dev-h", "", "127.0.0.1")
 
 
 async def test_row_keeps_the_event(opened: Opened) -> None:
