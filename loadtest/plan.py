@@ -23,6 +23,7 @@ class Knobs:
     drain_s: float = 5.0  # seconds of ramp-down after the hold
     stock: int = 0  # 0: the scenario's default
     bot_factor: float = 100.0  # bots' request rate per identity over the humans'
+    controls: int = 1  # bots: 0 drops the device/address limits and the request rates
 
     def env(self) -> dict[str, str]:
         return {f"LOADTEST_{f.name.upper()}": str(getattr(self, f.name))
@@ -63,6 +64,7 @@ GATEWAY_ENV: dict[str, dict[str, str]] = {
     "release": {}, "hammer": {}, "waiting_room": {}, "mixed": {},
     "bots": {"FLASHCLAIM_IP_RATE_PER_S": "5", "FLASHCLAIM_IP_BURST": "10"},
 }
+NO_CONTROLS_ENV = {"FLASHCLAIM_IP_RATE_PER_S": "0", "FLASHCLAIM_USER_RATE_PER_S": "0"}
 TRUSTED_PROXY = "127.0.0.1"
 
 
@@ -81,7 +83,7 @@ def campaign_spec(k: Knobs) -> dict[str, Any]:
     }
     if k.scenario == "hammer":
         spec["limits"] = {"per_user": 2}
-    elif k.scenario == "bots":
+    elif k.scenario == "bots" and k.controls:
         spec["limits"] = {"per_user": 1, "per_device": 1, "per_ip": 2}
     elif k.scenario == "waiting_room":
         spec["admission"] = {"admit_per_s": ROOM_RATE, "burst": ROOM_RATE // 10,

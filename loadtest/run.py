@@ -22,7 +22,14 @@ import click
 
 from gateway.cli import admin_call
 from gateway.settings import load_settings
-from loadtest.plan import GATEWAY_ENV, SCENARIOS, TRUSTED_PROXY, Knobs, campaign_spec
+from loadtest.plan import (
+    GATEWAY_ENV,
+    NO_CONTROLS_ENV,
+    SCENARIOS,
+    TRUSTED_PROXY,
+    Knobs,
+    campaign_spec,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "loadtest" / "reports"
@@ -52,8 +59,8 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) 
             raise click.ClickException(f"the embedded gateway at {base} did not get ready")
 
 
-def embedded(scenario: str, out: Path, workers: int,
-             fault: str) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+def embedded(scenario: str, out: Path, workers: int, fault: str,
+             controls: bool) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
     """`flashclaim run` in <out>/var, trusting X-Forwarded-For from this machine."""
     var = out / "var"
     shutil.rmtree(var, ignore_errors=True)
@@ -64,7 +71,7 @@ def embedded(scenario: str, out: Path, workers: int,
                 "FLASHCLAIM_STORE_URL": f"sqlite:///{var / 'claims.db'}",
                 "FLASHCLAIM_TRUSTED_PROXIES": TRUSTED_PROXY,
                 "FLASHCLAIM_LOG_LEVEL": "WARNING", "FLASHCLAIM_FAULT": fault,
-                **GATEWAY_ENV[scenario]})
+                **GATEWAY_ENV[scenario], **({} if controls else NO_CONTROLS_ENV)})
     log = (out / "gateway.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "run", "--port", str(port),
@@ -105,26 +112,30 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 @click.option("--workers", default=2, show_default=True, help="Embedded gateway workers.")
 @click.option("--fault", default="", help="Embedded gateway only: a test-only fault point "
               "(FLASHCLAIM_FAULT), e.g. skip_device_limit; the verdict must then be FAIL.")
+@click.option("--no-controls", is_flag=True,
+              help="bots, embedded: no device/address limits, no request rates (the "
+                   "contrast: the fairness check should then fail).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Report directory; default loadtest/reports/SCENARIO.")
 def main(scenario: str, url: str | None, users: int, hold: float, drain: float, stock: int,
-         bot_factor: float, lead: float, workers: int, fault: str, out: Path | None) -> None:
+         bot_factor: float, lead: float, workers: int, fault: str, no_controls: bool,
+         out: Path | None) -> None:
     """Rehearse a release with Locust and exit with the verifier's verdict."""
     out = (out or REPORTS / scenario).resolve()
     shutil.rmtree(out / "grants", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     proc = None
     if url is None:
-        proc, url, env = embedded(scenario, out, workers, fault)
-    elif fault:
-        raise click.UsageError("--fault applies to the embedded gateway only")
+        proc, url, env = embedded(scenario, out, workers, fault, not no_controls)
+    elif fault or no_controls:
+        raise click.UsageError("--fault and --no-controls apply to the embedded gateway only")
     else:
         env = {**os.environ, "FLASHCLAIM_URL": url}
     try:
         settings = load_settings(env)
         cid = f"{scenario.replace('_', '-')}-{dt.datetime.now():%m%d-%H%M%S}"
         knobs = Knobs(scenario, cid, str(out), time.time() + lead, users, hold, drain, stock,
-                      bot_factor)
+                      bot_factor, int(not no_controls))
         status, body = admin_call(url, settings.admin_token or "", "POST", "/v1/campaigns",
                                   campaign_spec(knobs))
         if status != 201:
