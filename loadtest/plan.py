@@ -37,6 +37,8 @@ class Knobs:
             if raw is not None:
                 kind = str if f.default is dataclasses.MISSING else type(f.default)
                 values[f.name] = kind(raw)
+        if "scenario" not in values:
+            raise SystemExit("LOADTEST_SCENARIO is not set: run `python -m loadtest.run NAME`")
         return cls(**values)
 
     @property
