@@ -18,7 +18,7 @@ from gateway.http.context import GATEWAY, Gateway
 from gateway.http.peer import PeerResolver
 from gateway.http.problems import problems_middleware
 from gateway.http.room import RoomRefresher
-from gateway.identity import Verifier, load_public_keys
+from gateway.identity import KeyFile, PublicKey, Verifier
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
 from gateway.redis.client import redis_client
@@ -28,10 +28,13 @@ from gateway.settings import Settings
 
 
 def make_verifier(settings: Settings, clock: Callable[[], float]) -> Verifier:
-    keys = load_public_keys(settings.identity_public_keys) if settings.identity_public_keys else []
+    keys: KeyFile | list[PublicKey] = (
+        KeyFile(settings.identity_public_keys) if settings.identity_public_keys else [])
     if not settings.identity_secret and not keys:
         raise RuntimeError("set FLASHCLAIM_IDENTITY_SECRET or FLASHCLAIM_IDENTITY_PUBLIC_KEYS")
-    return Verifier(settings.identity_secret, keys, settings.signing_key, clock)
+    return Verifier(settings.identity_secret, keys, settings.signing_key, clock,
+                    issuer=settings.identity_issuer, audience=settings.identity_audience,
+                    leeway_s=settings.identity_leeway_s)
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
