@@ -118,14 +118,14 @@ async def show_campaign(request: web.Request) -> web.Response:
 async def _set_status(request: web.Request, status: str, action: str) -> web.Response:
     gw = require_admin(request)
     cid = request.match_info["id"]
-    before = await fresh_state(gw, cid)
+    before = info(await fresh_state(gw, cid))  # now: pub/sub updates the view in place
     result = await gw.scripts.set_status(cid, status)
     if result == 0:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be {status} again")
     after = info(await fresh_state(gw, cid))
-    await record(gw, request, action, campaign_target(cid), info(before), after)
+    await record(gw, request, action, campaign_target(cid), before, after)
     return json_response(after)
 
 
@@ -145,14 +145,14 @@ async def restock(request: web.Request) -> web.Response:
     gw = require_admin(request)
     cid = request.match_info["id"]
     req = decode(restock_decoder, await read_capped(request, 4096))
-    before = await fresh_state(gw, cid)
+    before = info(await fresh_state(gw, cid))
     result = await gw.scripts.restock(cid, req.quantity)
     if result[0] == 0:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result[0] < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be restocked")
     after = info(await fresh_state(gw, cid))
-    await record(gw, request, "campaign.restock", campaign_target(cid), info(before), after)
+    await record(gw, request, "campaign.restock", campaign_target(cid), before, after)
     return json_response(after)
 
 
@@ -163,6 +163,7 @@ async def set_admission(request: web.Request) -> web.Response:
     cid = request.match_info["id"]
     admission = decode(admission_decoder, await read_capped(request, 4096))
     state = await fresh_state(gw, cid)
+    before = info(state)
     try:
         spec = validate_spec(msgspec.structs.replace(state.spec, admission=admission))
     except SpecError as e:
@@ -174,7 +175,7 @@ async def set_admission(request: web.Request) -> web.Response:
     if result < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended")
     after = info(await fresh_state(gw, cid))
-    await record(gw, request, "campaign.admission", campaign_target(cid), info(state), after)
+    await record(gw, request, "campaign.admission", campaign_target(cid), before, after)
     return json_response(after)
 
 
