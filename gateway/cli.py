@@ -113,6 +113,20 @@ def demo_spec() -> dict[str, Any]:
     }
 
 
+def _admin_base(settings: Settings, base: str) -> str | None:
+    """Where the admin API answers over HTTP: the main port, FLASHCLAIM_ADMIN_LISTEN's
+    host:port, or None for a unix socket."""
+    from gateway.http.adminauth import Listen
+
+    if not settings.admin_listen:
+        return base
+    listen = Listen.parse(settings.admin_listen)
+    if listen.path:
+        return None
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    return f"http://{host}:{listen.port}"
+
+
 def _create_demo(base: str, admin_token: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -168,9 +182,12 @@ Mint an identity token and claim:
   curl -s -X POST {base}/v1/campaigns/demo/claims -H "Authorization: Bearer $TOKEN"
 """)
     if demo:
-        threading.Thread(
-            target=_create_demo, args=(base, settings.admin_token or ""), daemon=True
-        ).start()
+        admin_base = _admin_base(settings, base)
+        if admin_base is None:
+            click.echo("--demo: the admin API listens on a unix socket; create it there", err=True)
+        else:
+            threading.Thread(target=_create_demo, args=(admin_base, settings.admin_token or ""),
+                             daemon=True).start()
     try:
         roles = gateway_roles(settings, "127.0.0.1", port, workers)
         Supervisor([*roles, (writer_main, (settings,))]).run()
