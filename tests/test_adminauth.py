@@ -3,7 +3,11 @@ of its own (TCP or a unix socket) and absent from the public port and document."
 
 from __future__ import annotations
 
+import os
 import secrets
+import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,6 +216,8 @@ def apart(request: pytest.FixtureRequest, redis_server: RedisServer,
     gw.start()
     try:
         wait_admin(connector, base)
+        if request.param == "unix":
+            assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         yield gw, base, connector
     finally:
         gw.stop()
@@ -252,3 +258,23 @@ async def test_admin_api_only_on_its_own_listener(
         # and nothing changed through the public port
         status, now = await call(admin_http, admin_base, "GET", f"/v1/campaigns/{cid}", READ)
         assert (now["status"], now["stock"], now["claimed"]) == ("live", 3, 1)
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"FLASHCLAIM_ADMIN_TOKENS": "ops:root:0123456789abcdef"}, "scope"),
+    ({"FLASHCLAIM_ADMIN_LISTEN": "localhost"}, "FLASHCLAIM_ADMIN_LISTEN"),
+    ({"FLASHCLAIM_ADMIN_TOKEN": ""}, "FLASHCLAIM_ADMIN_TOKEN"),
+])
+def test_serve_refuses_a_bad_admin_configuration(tmp_path: Path, env: dict[str, str],
+                                                 needle: str) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLASHCLAIM_")}
+    base.update({"FLASHCLAIM_REDIS_URL": "redis://127.0.0.1:1/0",
+                 "FLASHCLAIM_SIGNING_SECRET": "s" * 24, "FLASHCLAIM_IDENTITY_SECRET": "i" * 24,
+                 "FLASHCLAIM_ADMIN_TOKEN": "a" * 24, "FLASHCLAIM_VAR_DIR": str(tmp_path)})
+    base.update(env)
+    if not base["FLASHCLAIM_ADMIN_TOKEN"]:
+        del base["FLASHCLAIM_ADMIN_TOKEN"]
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", "1"],
+                          env=base, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr
