@@ -47,14 +47,27 @@ def serve(host: str, port: int, workers: int) -> None:
     settings = load_settings()
     setup_logging(settings.log_level)
     missing = [n for n, v in [("FLASHCLAIM_REDIS_URL", settings.redis_url),
-                              ("FLASHCLAIM_ADMIN_TOKEN", settings.admin_token),
                               ("FLASHCLAIM_SIGNING_SECRET", settings.signing_secret)] if not v]
+    if not (settings.admin_token or settings.admin_tokens or settings.admin_tokens_file):
+        missing.append("FLASHCLAIM_ADMIN_TOKEN (or FLASHCLAIM_ADMIN_TOKENS[_FILE])")
     if not (settings.identity_secret or settings.identity_public_keys):
         missing.append("FLASHCLAIM_IDENTITY_SECRET or FLASHCLAIM_IDENTITY_PUBLIC_KEYS")
     if missing:
         raise click.UsageError("set " + ", ".join(missing))
+    _check_admin_config(settings)
     _metrics_dir(settings)
     Supervisor(gateway_roles(settings, host, port, workers)).run()
+
+
+def _check_admin_config(settings: Settings) -> None:
+    from gateway.http.adminauth import Listen, admin_tokens
+
+    try:
+        admin_tokens(settings)
+        if settings.admin_listen:
+            Listen.parse(settings.admin_listen)
+    except (ValueError, OSError) as e:
+        raise click.UsageError(str(e)) from None
 
 
 @main.command()
@@ -101,6 +114,20 @@ def demo_spec() -> dict[str, Any]:
     }
 
 
+def _admin_base(settings: Settings, base: str) -> str | None:
+    """Where the admin API answers over HTTP: the main port, FLASHCLAIM_ADMIN_LISTEN's
+    host:port, or None for a unix socket."""
+    from gateway.http.adminauth import Listen
+
+    if not settings.admin_listen:
+        return base
+    listen = Listen.parse(settings.admin_listen)
+    if listen.path:
+        return None
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    return f"http://{host}:{listen.port}"
+
+
 def _create_demo(base: str, admin_token: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -140,6 +167,7 @@ def run(port: int, workers: int, demo: bool) -> None:
         identity_secret=settings.identity_secret or saved["FLASHCLAIM_IDENTITY_SECRET"],
         signing_secret=settings.signing_secret or saved["FLASHCLAIM_SIGNING_SECRET"],
     )
+    _check_admin_config(settings)
     _metrics_dir(settings)
     base = f"http://127.0.0.1:{port}"
     click.echo(f"""
@@ -155,9 +183,12 @@ Mint an identity token and claim:
   curl -s -X POST {base}/v1/campaigns/demo/claims -H "Authorization: Bearer $TOKEN"
 """)
     if demo:
-        threading.Thread(
-            target=_create_demo, args=(base, settings.admin_token or ""), daemon=True
-        ).start()
+        admin_base = _admin_base(settings, base)
+        if admin_base is None:
+            click.echo("--demo: the admin API listens on a unix socket; create it there", err=True)
+        else:
+            threading.Thread(target=_create_demo, args=(admin_base, settings.admin_token or ""),
+                             daemon=True).start()
     try:
         roles = gateway_roles(settings, "127.0.0.1", port, workers)
         Supervisor([*roles, (writer_main, (settings,))]).run()
@@ -257,6 +288,39 @@ def tail(campaign_id: str, group: str, from_start: bool, count: int | None,
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(go())
+
+
+@main.command()
+@click.option("--campaign", "campaign_id", default=None, help="Actions on this campaign only.")
+@click.option("--target", default=None, help="Actions on this target, e.g. campaign:ID.")
+@click.option("--limit", default=100, show_default=True, help="The newest N entries.")
+def audit(campaign_id: str | None, target: str | None, limit: int) -> None:
+    """Print the admin audit log from the store (FLASHCLAIM_STORE_URL) as JSON lines, oldest
+    first: when, who (the admin token's name), what, target, before, after, request id."""
+    from gateway.domain import from_ms
+    from gateway.durable.store import open_store
+
+    if campaign_id and target:
+        raise click.UsageError("give --campaign or --target, not both")
+    settings = load_settings()
+
+    async def go() -> None:
+        store = await open_store(settings.store_url)
+        try:
+            await store.migrate()
+            entries = await store.audit_entries(
+                f"campaign:{campaign_id}" if campaign_id else target, limit)
+        finally:
+            await store.close()
+        for e in entries:
+            click.echo(json.dumps({
+                "at": from_ms(e.at).isoformat(), "actor": e.actor, "action": e.action,
+                "target": e.target, "request_id": e.request_id, "id": e.id,
+                "before": None if e.before is None else json.loads(e.before),
+                "after": None if e.after is None else json.loads(e.after),
+            }, ensure_ascii=False))
+
+    asyncio.run(go())
 
 
 # ---- operator verbs, through the admin API -------------------------------------------------

@@ -1,10 +1,12 @@
 """Identity tokens: verify a JWT (HS256 with the shared secret; EdDSA/ES256 with configured
-public keys, chosen by `kid`) into an `Identity`, with a short cache of verified tokens;
-and mint development tokens."""
+public keys, chosen by `kid`, re-read when their file changes) into an `Identity`, with a
+short cache of verified tokens; and mint development tokens."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,10 @@ from jwt.algorithms import HMACAlgorithm
 from gateway.domain import Identity, keyed_hash
 from gateway.errors import Unauthorized
 
+log = logging.getLogger(__name__)
+
 LEEWAY_S = 5
+KEY_CHECK_S = 1.0
 CACHE_MAX = 100_000
 CACHE_TTL_S = 60.0
 
@@ -33,6 +38,8 @@ class TokenClaims(msgspec.Struct):
     phone: str | None = None
     tags: list[str] = []
     region: str = ""
+    iss: str | None = None
+    aud: str | list[str] | None = None
 
 
 _claims_decoder = msgspec.json.Decoder(TokenClaims)
@@ -84,27 +91,89 @@ def load_public_keys(path: str) -> list[PublicKey]:
     raise ValueError("identity public key must be Ed25519 or EC P-256")
 
 
+class KeyFile:
+    """The public keys of a PEM or JWKS file, re-read when the file changes (its inode,
+    size or mtime; looked at no more than once a second), so a key rotated out of the file
+    stops working within about a second. Replace the file atomically (write, then rename):
+    a file that does not load keeps the keys already in use, and says so in the log."""
+
+    def __init__(self, path: str, check_every_s: float = KEY_CHECK_S) -> None:
+        self.path = path
+        self._every = check_every_s
+        self._stamp = self._stat()
+        self.keys = load_public_keys(path)
+        self._next_check = time.monotonic() + check_every_s
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def changed(self) -> bool:
+        """Re-read the file if it changed since the last look; True when the keys did."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + self._every
+        stamp = self._stat()
+        if stamp == self._stamp or stamp is None:
+            if stamp is None and self._stamp is not None:
+                log.warning("identity key file %s is gone; keeping the keys in use", self.path)
+            self._stamp = stamp
+            return False
+        try:
+            keys = load_public_keys(self.path)
+        except (OSError, ValueError, jwt.PyJWTError) as e:
+            log.warning("identity key file %s did not load (%r); keeping the keys in use",
+                        self.path, e)
+            return False  # the stamp stays old: the next look tries again
+        self._stamp = stamp
+        self.keys = keys
+        log.info("identity keys reloaded from %s: %s", self.path,
+                 ", ".join(f"{k.kid or '-'}/{k.algorithm}" for k in keys))
+        return True
+
+
 class Verifier:
     """Turns an `Authorization` header into an Identity, or raises Unauthorized."""
 
     def __init__(
         self,
         secret: str | None,
-        public_keys: list[PublicKey],
+        public_keys: list[PublicKey] | KeyFile,
         pii_key: bytes,
         clock: Any = time.time,
+        *,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway_s: float = LEEWAY_S,
     ) -> None:
         self._secret = secret.encode() if secret else None
-        self._keys = public_keys
+        self._key_file = public_keys if isinstance(public_keys, KeyFile) else None
+        self._keys = public_keys.keys if isinstance(public_keys, KeyFile) else public_keys
         self._pii_key = pii_key
         self._clock = clock
+        self._issuer = issuer or None
+        self._audience = audience or None
+        self._leeway = leeway_s
         self._cache: dict[str, tuple[Identity, float]] = {}
         # one issuer's tokens share their header segment: parse and match it once
         self._header_keys: dict[str, tuple[Any, str]] = {}
 
+    def _reload_keys(self) -> None:
+        assert self._key_file is not None
+        if self._key_file.changed():
+            self._keys = self._key_file.keys
+            self._header_keys.clear()
+            self._cache.clear()  # tokens of a retired key must not live on in the cache
+
     def verify(self, authorization: str | None) -> Identity:
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("An identity token is required (Authorization: Bearer <jwt>)")
+        if self._key_file is not None:
+            self._reload_keys()
         token = authorization[7:].strip()
         now = self._clock()
         hit = self._cache.get(token)
@@ -113,7 +182,7 @@ class Verifier:
         identity, exp = self._decode(token)
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
-        self._cache[token] = (identity, min(exp, now + CACHE_TTL_S))
+        self._cache[token] = (identity, exp)
         return identity
 
     def _key_for(self, token: str) -> tuple[Any, str]:
@@ -151,12 +220,18 @@ class Verifier:
         except msgspec.DecodeError as e:
             raise Unauthorized(f"Identity token claims have the wrong shape: {e}") from None
         now = self._clock()
-        if claims.exp <= now - LEEWAY_S:
+        if not claims.exp > now - self._leeway:  # `not >`: a NaN never passes
             raise Unauthorized("Identity token has expired")
-        if claims.nbf is not None and claims.nbf > now + LEEWAY_S:
+        if claims.nbf is not None and not claims.nbf <= now + self._leeway:
             raise Unauthorized("Identity token is not valid yet")
         if not 1 <= len(claims.sub) <= 128:
             raise Unauthorized("Identity token `sub` must be 1-128 characters")
+        if self._issuer is not None and claims.iss != self._issuer:
+            raise Unauthorized("Identity token has the wrong issuer (`iss`)")
+        if self._audience is not None and not (
+                claims.aud == self._audience
+                or (isinstance(claims.aud, list) and self._audience in claims.aud)):
+            raise Unauthorized("Identity token is not meant for this service (`aud`)")
         dev, phone = claims.dev, claims.phone
         identity = Identity(
             user_id=claims.sub,
@@ -165,7 +240,8 @@ class Verifier:
             tags=frozenset(claims.tags),
             region=claims.region,
         )
-        return identity, float(claims.exp)
+        # compared before converting: a huge integer `exp` would overflow a float
+        return identity, float(min(claims.exp, now + CACHE_TTL_S))
 
 
 def mint_token(

@@ -66,6 +66,9 @@ WRITER_DEAD = Counter("flashclaim_writer_dead_lettered",
 WRITER_ERRORS = Counter("flashclaim_writer_errors", "Writer failures by kind", ["kind"])
 WRITER_BACKLOG = Gauge("flashclaim_writer_backlog", "Grants not yet acked by the writer",
                        ["campaign"], multiprocess_mode="mostrecent")
+AUDIT_ENTRIES = Counter("flashclaim_audit_entries", "Admin audit entries by result: "
+                        "recorded (on the audit stream), lost (Redis refused it; logged), "
+                        "stored (by the writer)", ["result"])
 
 
 _claim_children: dict[tuple[str, str], Counter] = {}

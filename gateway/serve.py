@@ -1,5 +1,6 @@
 """Serving: one worker process runs the aiohttp app on uvloop with SO_REUSEPORT; the
-supervisor starts N of them on one port, restarts any that die, and stops them on SIGTERM."""
+supervisor starts N of them on one port (plus one for the admin API when it listens apart),
+restarts any that die, and stops them on SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import gc
 import logging
 import multiprocessing
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -17,7 +19,8 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from gateway.http.app import create_app
+from gateway.http.adminauth import Listen
+from gateway.http.app import Part, create_app
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,8 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def _serve(settings: Settings, host: str, port: int) -> None:
-    app = create_app(settings)
+async def _serve(settings: Settings, listen: Listen, part: Part) -> None:
+    app = create_app(settings, part=part)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     # Start-up objects live for the whole process: keep the collector off them, and let
@@ -41,8 +44,14 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
-    await site.start()
+    site: web.BaseSite
+    if listen.path:
+        site = web.UnixSite(runner, listen.path)
+        await site.start()
+        os.chmod(listen.path, 0o600)  # the admin API: only this user's processes
+    else:
+        site = web.TCPSite(runner, listen.host, listen.port, reuse_port=True, backlog=4096)
+        await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -51,9 +60,15 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
     await runner.cleanup()
 
 
-def worker_main(settings: Settings, host: str, port: int) -> None:
+def worker_main(settings: Settings, host: str, port: int, part: Part = "all") -> None:
     setup_logging(settings.log_level)
-    uvloop.run(_serve(settings, host, port))
+    uvloop.run(_serve(settings, Listen(host, port, ""), part))
+
+
+def admin_main(settings: Settings) -> None:
+    """The admin API alone, on FLASHCLAIM_ADMIN_LISTEN."""
+    setup_logging(settings.log_level)
+    uvloop.run(_serve(settings, Listen.parse(settings.admin_listen), "admin"))
 
 
 def writer_main(settings: Settings) -> None:
@@ -67,7 +82,13 @@ Role = tuple[Callable[..., None], tuple[Any, ...]]
 
 
 def gateway_roles(settings: Settings, host: str, port: int, workers: int) -> list[Role]:
-    return [(worker_main, (settings, host, port))] * workers
+    """N workers on the port; when the admin API listens apart, they serve no admin route
+    and one more process serves only those (admin traffic is light and never shares a
+    worker's event loop with a release's claims)."""
+    if not settings.admin_listen:
+        return [(worker_main, (settings, host, port))] * workers
+    return [(worker_main, (settings, host, port, "public"))] * workers + [
+        (admin_main, (settings,))]
 
 
 class Supervisor:

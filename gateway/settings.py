@@ -22,9 +22,15 @@ def default_lua_dir() -> Path:
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str | None = None
     store_url: str = "sqlite:///./var/claims.db"
-    admin_token: str | None = None
+    admin_token: str | None = None  # a write-scope admin token named `admin`
+    admin_tokens: str = ""  # more admin tokens: `name:scope:token,...`, scope read | write
+    admin_tokens_file: str = ""  # the same, one `name:scope:token` a line
+    admin_listen: str = ""  # `host:port` or `unix:/path`: admin API there only; empty: main port
     identity_secret: str | None = None
-    identity_public_keys: str | None = None
+    identity_public_keys: str | None = None  # PEM or JWKS file, re-read when it changes
+    identity_issuer: str = ""  # when set, tokens must carry this `iss`
+    identity_audience: str = ""  # when set, tokens' `aud` must name it
+    identity_leeway_s: float = 5.0  # clock skew allowed on `exp` and `nbf`
     signing_secret: str | None = None
     url: str = "http://127.0.0.1:8080"
     var_dir: str = "./var"

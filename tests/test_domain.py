@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.domain import (
     LIMIT_KIND,
@@ -331,3 +334,70 @@ def test_non_ascii_digits_do_not_alias_a_real_code() -> None:
     _, _, mac = code.split("-")
     assert not verify_coupon_code(KEY, "c1", "u1", f"\u0664\u0662-0-{mac}")
     assert not verify_coupon_code(KEY, "c1", "u1", f"\uff14\uff12-\uff10-{mac}")
+
+
+# ---- property: no spec, however odd, gets anything but the 422 answer ---------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=4),
+    max_leaves=12,
+)
+plausible = (
+    json_values
+    | st.datetimes(timezones=st.none() | st.timezones()).map(lambda t: t.isoformat())
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.sampled_from(["amount_off", "threshold", "percent_off", "CNY", "", "a-b", "X" * 300])
+)
+
+
+def _mutated(draw: st.DrawFn) -> Any:
+    """A valid spec with some fields, at any depth, replaced or removed."""
+    doc: dict[str, Any] = spec_doc(limits={"per_user": 1}, eligibility={"regions": ["cn"]},
+                                   admission={"admit_per_s": 10, "burst": 5})
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        target: Any = doc
+        path = draw(st.sampled_from([
+            [], ["coupons", 0], ["limits"], ["eligibility"], ["admission"]]))
+        for step in path:
+            try:
+                target = target[step]
+            except (KeyError, IndexError, TypeError):
+                target = None
+        if not isinstance(target, dict):
+            continue
+        key = draw(st.sampled_from([*sorted(target), "extra", "valid_from", "valid_until",
+                                    "valid_days", "waiting_room"]))
+        if draw(st.booleans()) and key in target:
+            del target[key]
+        else:
+            target[key] = draw(plausible)
+    return doc
+
+
+mutated_specs = st.composite(_mutated)()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(json_values, mutated_specs))
+def test_any_json_spec_is_accepted_or_gets_422(doc: Any) -> None:
+    from gateway.errors import Unprocessable
+    from gateway.http.admin import meta_fields
+    from gateway.http.body import decode
+    from gateway.schemas import encoder, spec_decoder
+
+    body = json.dumps(doc).encode()
+    try:
+        spec = validate_spec(decode(spec_decoder, body))
+    except Unprocessable as e:
+        assert e.status == 422 and e.extra.get("field", "").startswith("$")
+        return
+    except SpecError as e:
+        assert e.field
+        return
+    # accepted: it can be stored and read back
+    fields = meta_fields(spec)
+    assert spec_decoder.decode(str(fields["spec"]).encode()) == spec
+    assert encoder.encode(spec)

@@ -14,11 +14,20 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 
 from gateway.domain import Identity, keyed_hash
 from gateway.errors import Unauthorized
-from gateway.identity import LEEWAY_S, PublicKey, Verifier, load_public_keys, mint_token
+from gateway.identity import (
+    LEEWAY_S,
+    KeyFile,
+    PublicKey,
+    Verifier,
+    load_public_keys,
+    mint_token,
+)
 
 SECRET = "hs256-secret-for-tests-0123456789abcdef"
 PII = b"pii-key-for-tests-0123456789abcdef"
@@ -330,3 +339,165 @@ def test_cached_token_is_rejected_once_it_really_expires() -> None:
             break
         assert time.monotonic() < deadline, "an expired token kept verifying"
         time.sleep(0.05)
+
+
+# ---- issuer, audience, leeway ------------------------------------------------------------
+
+def test_issuer_and_audience_when_configured() -> None:
+    verifier = Verifier(SECRET, [], PII, issuer="https://id.example", audience="flashclaim")
+    good = {"iss": "https://id.example", "aud": "flashclaim"}
+    assert verifier.verify(bearer(hs(**good))).user_id == "u1"
+    assert verifier.verify(bearer(hs(**{**good, "aud": ["wallet", "flashclaim"]}))).user_id
+    for over in ({"iss": None}, {"iss": "https://evil.example"}, {"aud": None},
+                 {"aud": "wallet"}, {"aud": ["wallet"]}, {"aud": 5}, {"iss": ["x"]}):
+        token = hand_signed({"alg": "HS256"}, claims(**{**good, **over}),
+                            lambda m: hmac.new(SECRET.encode(), m, hashlib.sha256).digest())
+        rejects(verifier, bearer(token))
+    # unconfigured: neither is looked at
+    assert Verifier(SECRET, [], PII).verify(bearer(hs(iss="anyone", aud="any"))).user_id
+
+
+def test_leeway_is_configurable() -> None:
+    clock = Clock(time.time())
+    strict = Verifier(SECRET, [], PII, clock=clock, leeway_s=0)
+    loose = Verifier(SECRET, [], PII, clock=clock, leeway_s=120)
+    token = bearer(hs(exp=int(clock.now) - 60))
+    rejects(strict, token)
+    assert loose.verify(token).user_id == "u1"
+    early = bearer(hs(nbf=int(clock.now) + 60))
+    rejects(strict, early)
+    assert loose.verify(early).user_id == "u1"
+
+
+def test_a_symmetric_key_in_the_jwks_is_refused_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "k", "k": b64(b"s" * 32)}]}))
+    with pytest.raises((ValueError, jwt.PyJWTError)):
+        load_public_keys(str(path))
+
+
+# ---- key files are re-read when they change ----------------------------------------------
+
+def ed_token(key: ed25519.Ed25519PrivateKey, kid: str) -> str:
+    return bearer(jwt.encode(claims(sub=kid), key, algorithm="EdDSA", headers={"kid": kid}))
+
+
+def replace_jwks(tmp_path: Path, keys: dict[str, PrivateKey]) -> str:
+    """Write a new JWKS beside the old one and rename it over: the atomic way."""
+    (tmp_path / "staged").mkdir(exist_ok=True)
+    staged = Path(jwks_file(tmp_path / "staged", keys))
+    return str(staged.replace(tmp_path / "jwks.json"))
+
+
+def test_key_rotated_out_of_the_file_stops_working(tmp_path: Path) -> None:
+    old, new = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    path = jwks_file(tmp_path, {"k-old": old})
+    verifier = Verifier(None, KeyFile(path, check_every_s=0), PII)
+    assert verifier.verify(ed_token(old, "k-old")).user_id == "k-old"
+    rejects(verifier, ed_token(new, "k-new"))
+
+    replace_jwks(tmp_path, {"k-old": old, "k-new": new})  # the new key is published first
+    assert verifier.verify(ed_token(new, "k-new")).user_id == "k-new"
+    assert verifier.verify(ed_token(old, "k-old")).user_id == "k-old"
+
+    replace_jwks(tmp_path, {"k-new": new})  # then the old one is retired
+    rejects(verifier, ed_token(old, "k-old"))  # even though it was verified (cached) before
+    assert verifier.verify(ed_token(new, "k-new")).user_id == "k-new"
+
+
+def test_a_key_file_that_does_not_load_keeps_the_keys_in_use(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    path = Path(jwks_file(tmp_path, {"k1": key}))
+    verifier = Verifier(None, KeyFile(str(path), check_every_s=0), PII)
+    token = ed_token(key, "k1")
+    assert verifier.verify(token).user_id == "k1"
+    path.write_text('{"keys": [')  # half written
+    assert verifier.verify(token).user_id == "k1"
+    path.unlink()
+    assert verifier.verify(token).user_id == "k1"
+    other = ed25519.Ed25519PrivateKey.generate()
+    replace_jwks(tmp_path, {"k2": other})
+    rejects(verifier, token)
+    assert verifier.verify(ed_token(other, "k2")).user_id == "k2"
+
+
+def test_key_file_is_looked_at_no_more_than_its_interval(tmp_path: Path) -> None:
+    old, new = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    key_file = KeyFile(jwks_file(tmp_path, {"k-old": old}), check_every_s=3600)
+    verifier = Verifier(None, key_file, PII)
+    replace_jwks(tmp_path, {"k-new": new})
+    assert verifier.verify(ed_token(old, "k-old")).user_id == "k-old"  # not looked at yet
+    rejects(verifier, ed_token(new, "k-new"))
+
+
+# ---- property: any header value is an identity or the 401 problem, nothing else ----------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3),
+    max_leaves=8,
+)
+claim_values = st.fixed_dictionaries(
+    {}, optional={name: json_values | st.integers(min_value=-(2**80), max_value=2**80)
+                  | st.floats(min_value=time.time(), max_value=time.time() + 10**9)
+                  for name in ("sub", "exp", "nbf", "dev", "phone", "tags", "region", "iss",
+                               "aud")},
+)
+headers = st.fixed_dictionaries(
+    {"alg": st.sampled_from(["HS256", "EdDSA", "ES256", "none", "RS256", "HS512", ""])
+     | json_values},
+    optional={"kid": st.sampled_from(["ed-1", "ec-1"]) | json_values, "typ": json_values,
+              "crit": json_values, "b64": json_values},
+)
+
+
+def _raw_json(value: Any) -> bytes:
+    return json.dumps(value, allow_nan=True).encode()
+
+
+@st.composite
+def tokens(draw: st.DrawFn) -> str:
+    """Well-signed tokens with odd headers and claims, and plain odd strings."""
+    kind = draw(st.sampled_from(["signed", "segments", "text"]))
+    if kind == "text":
+        return draw(st.text(max_size=200))
+    header, body = draw(headers), draw(claim_values | json_values)
+    signing_input = f"{b64(_raw_json(header))}.{b64(_raw_json(body))}"
+    if kind == "segments":
+        sig = draw(st.binary(max_size=80))
+        return f"{signing_input}.{b64(sig)}" + draw(st.sampled_from(["", ".", ".x"]))
+    sig = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(sig)}"
+
+
+FUZZ_ED = ed25519.Ed25519PrivateKey.generate()
+FUZZ_EC = ec.generate_private_key(ec.SECP256R1())
+FUZZ_KEYS = [PublicKey(FUZZ_ED.public_key(), "EdDSA", "ed-1"),
+             PublicKey(FUZZ_EC.public_key(), "ES256", "ec-1")]
+
+
+@settings(max_examples=400, deadline=None)
+@given(token=tokens(), scheme=st.sampled_from(["Bearer ", "bearer ", "", "Bearer  "]))
+def test_any_token_is_an_identity_or_401(token: str, scheme: str) -> None:
+    verifier = Verifier(SECRET, FUZZ_KEYS, PII, issuer=None)
+    try:
+        who = verifier.verify(scheme + token)
+    except Unauthorized as e:
+        assert e.status == 401
+        return
+    assert 1 <= len(who.user_id) <= 128 and isinstance(who.tags, frozenset)
+
+
+@settings(max_examples=200, deadline=None)
+@given(header=headers, body=claim_values)
+def test_any_claims_with_issuer_and_audience_checks(header: dict[str, Any],
+                                                   body: dict[str, Any]) -> None:
+    verifier = Verifier(SECRET, FUZZ_KEYS, PII, issuer="idp", audience="fc")
+    token = hand_signed({**header, "alg": "HS256"}, body,
+                        lambda m: hmac.new(SECRET.encode(), m, hashlib.sha256).digest())
+    try:
+        verifier.verify(bearer(token))
+    except Unauthorized:
+        return
+    assert body.get("iss") == "idp"

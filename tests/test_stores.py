@@ -9,9 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 
-from gateway.durable.store import ClaimConflict, ClaimRow, Store, StoredClaim, open_store
+from gateway.durable.store import (
+    AuditEntry,
+    ClaimConflict,
+    ClaimRow,
+    Store,
+    StoredClaim,
+    open_store,
+)
 from gateway.events import ClaimEvent
 
 GRANTED_AT = 1_767_225_600_000  # 2026-01-01T00:00:00Z in ms
@@ -144,3 +152,33 @@ async def test_sqlite_is_wal_with_full_sync(tmp_path: Path) -> None:
         await store.close()
     with sqlite3.connect(path) as db:  # journal_mode=WAL is kept in the file
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def audit(n: int, target: str = "campaign:c1", **over: object) -> AuditEntry:
+    doc: dict[str, object] = {
+        "id": f"a{n}", "at": GRANTED_AT + n, "actor": "deploy", "action": "campaign.pause",
+        "target": target, "before": '{"status": "live"}', "after": '{"status": "paused"}',
+        "request_id": f"rid-{n}"}
+    doc.update(over)
+    return msgspec.convert(doc, AuditEntry)
+
+
+async def test_audit_entries_are_stored_once_and_read_back(opened: Opened) -> None:
+    store = opened.store
+    entries = [audit(1), audit(2, before=None), audit(3, target="campaign:c2", after=None)]
+    assert await store.insert_audit(entries) == 3
+    assert await store.insert_audit([audit(1), audit(4)]) == 1  # a re-delivery is skipped
+    got = await store.audit_entries()
+    assert [e.id for e in got] == ["a1", "a2", "a3", "a4"]  # oldest first
+    first = got[0]
+    assert msgspec.structs.replace(first, before=None, after=None) == audit(
+        1, before=None, after=None)  # ids, time (ms), actor, action, target, request id
+    assert json.loads(first.before or "") == {"status": "live"}
+    assert json.loads(first.after or "") == {"status": "paused"}
+    assert (got[1].before, got[2].after) == (None, None)
+    assert [e.id for e in await store.audit_entries("campaign:c1")] == ["a1", "a2", "a4"]
+    assert [e.id for e in await store.audit_entries("campaign:c1", limit=2)] == ["a2", "a4"]
+    assert await store.audit_entries("campaign:none") == []
+    rows = await opened.query("SELECT actor, action, target, request_id FROM audit_log "
+                              "WHERE id = 'a3'")
+    assert rows == [("deploy", "campaign.pause", "campaign:c2", "rid-3")]

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from gateway.domain import from_ms
-from gateway.durable.store import ClaimConflict, ClaimRow, StoredClaim, StoreUnavailable
+from gateway.domain import from_ms, to_ms
+from gateway.durable.store import AuditEntry, ClaimConflict, ClaimRow, StoredClaim, StoreUnavailable
 
 MIGRATIONS = [
     """
@@ -37,7 +37,29 @@ MIGRATIONS = [
         UNIQUE (campaign_id, seq)
     );
     """,
+    """
+    CREATE TABLE audit_log (
+        id text PRIMARY KEY,
+        at timestamptz NOT NULL,
+        actor text NOT NULL,
+        action text NOT NULL,
+        target text NOT NULL,
+        before jsonb,
+        after jsonb,
+        request_id text NOT NULL
+    );
+    CREATE INDEX audit_log_target_at ON audit_log (target, at);
+    CREATE INDEX audit_log_at ON audit_log (at);
+    """,
 ]
+
+INSERT_AUDIT = """
+INSERT INTO audit_log (id, at, actor, action, target, before, after, request_id)
+SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                     $6::jsonb[], $7::jsonb[], $8::text[])
+ON CONFLICT (id) DO NOTHING
+"""
+AUDIT_COLUMNS = "id, at, actor, action, target, before::text, after::text, request_id"
 
 INSERT = """
 INSERT INTO claims (claim_id, campaign_id, user_id, n, seq, granted_at, device, phone, ip,
@@ -91,6 +113,28 @@ class PostgresStore:
         except _UNAVAILABLE as e:
             raise StoreUnavailable(repr(e)) from e
         return int(status.split()[-1])
+
+    async def insert_audit(self, entries: Sequence[AuditEntry]) -> int:
+        cols: list[list[object]] = [[] for _ in range(8)]
+        for e in entries:
+            for col, value in zip(cols, (e.id, from_ms(e.at), e.actor, e.action, e.target,
+                                         e.before, e.after, e.request_id), strict=True):
+                col.append(value)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                status = await conn.execute(INSERT_AUDIT, *cols)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(repr(e)) from e
+        return int(status.split()[-1])
+
+    async def audit_entries(self, target: str | None = None, limit: int = 1000,
+                            ) -> list[AuditEntry]:
+        where = "WHERE target = $2" if target is not None else ""
+        rows = await self._pool.fetch(
+            f"SELECT {AUDIT_COLUMNS} FROM audit_log {where} "
+            "ORDER BY at DESC, id DESC LIMIT $1", limit, *([] if target is None else [target]))
+        return [AuditEntry(id=r[0], at=to_ms(r[1]), actor=r[2], action=r[3], target=r[4],
+                           before=r[5], after=r[6], request_id=r[7]) for r in reversed(rows)]
 
     async def save_campaign(self, campaign_id: str, spec_json: str) -> None:
         try:

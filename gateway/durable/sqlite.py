@@ -3,6 +3,7 @@ committed batch survives a crash or a power loss."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
 import time
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import aiosqlite
 
-from gateway.domain import from_ms
-from gateway.durable.store import ClaimConflict, ClaimRow, StoredClaim, StoreUnavailable
+from gateway.domain import from_ms, to_ms
+from gateway.durable.store import AuditEntry, ClaimConflict, ClaimRow, StoredClaim, StoreUnavailable
 
 MIGRATIONS = [
     """
@@ -38,7 +39,28 @@ MIGRATIONS = [
         UNIQUE (campaign_id, seq)
     );
     """,
+    """
+    CREATE TABLE audit_log (
+        id TEXT PRIMARY KEY,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        request_id TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_target_at ON audit_log (target, at);
+    CREATE INDEX audit_log_at ON audit_log (at);
+    """,
 ]
+
+INSERT_AUDIT = """
+INSERT INTO audit_log (id, at, actor, action, target, before, after, request_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO NOTHING
+"""
+AUDIT_COLUMNS = "id, at, actor, action, target, before, after, request_id"
 
 INSERT = """
 INSERT INTO claims (claim_id, campaign_id, user_id, n, seq, granted_at, device, phone, ip,
@@ -84,12 +106,13 @@ class SQLiteStore:
             raise
         await self._db.execute("COMMIT")
 
-    async def insert_claims(self, rows: Sequence[ClaimRow]) -> int:
+    async def _insert(self, sql: str, values: list[tuple[object, ...]]) -> int:
+        """One transaction; rows already there are skipped; returns rows added."""
         try:
             before = self._db.total_changes
             await self._db.execute("BEGIN IMMEDIATE")
             try:
-                await self._db.executemany(INSERT, [_values(r) for r in rows])
+                await self._db.executemany(sql, values)
             except BaseException:
                 await self._db.execute("ROLLBACK")
                 raise
@@ -99,6 +122,25 @@ class SQLiteStore:
             raise ClaimConflict(str(e)) from e
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(str(e)) from e
+
+    async def insert_claims(self, rows: Sequence[ClaimRow]) -> int:
+        return await self._insert(INSERT, [_values(r) for r in rows])
+
+    async def insert_audit(self, entries: Sequence[AuditEntry]) -> int:
+        return await self._insert(INSERT_AUDIT, [
+            (e.id, from_ms(e.at).isoformat(), e.actor, e.action, e.target, e.before, e.after,
+             e.request_id) for e in entries])
+
+    async def audit_entries(self, target: str | None = None, limit: int = 1000,
+                            ) -> list[AuditEntry]:
+        where, args = ("WHERE target = ?", (target,)) if target is not None else ("", ())
+        sql = (f"SELECT {AUDIT_COLUMNS} FROM audit_log {where} "
+               "ORDER BY at DESC, rowid DESC LIMIT ?")
+        async with self._db.execute(sql, (*args, limit)) as cur:
+            rows = list(await cur.fetchall())
+        return [AuditEntry(id=r[0], at=to_ms(dt.datetime.fromisoformat(r[1])), actor=r[2],
+                           action=r[3], target=r[4], before=r[5], after=r[6],
+                           request_id=r[7]) for r in reversed(rows)]
 
     async def save_campaign(self, campaign_id: str, spec_json: str) -> None:
         await self._db.execute(

@@ -1,5 +1,5 @@
 """The durable store's contract: a Protocol both backends (SQLite, PostgreSQL) implement,
-the row it stores, and its two failure kinds.
+the rows it stores (claims, admin audit entries), and its two failure kinds.
 
     StoreError
      ├── StoreUnavailable   the store cannot be reached: back off and retry the batch
@@ -9,7 +9,7 @@ the row it stores, and its two failure kinds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -43,6 +43,36 @@ class StoredClaim(msgspec.Struct, frozen=True):
     device: str
     phone: str
     ip: str
+class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One admin action, as `gateway.http.audit.record` writes it to the audit stream and
+    the writer stores it. `before`/`after` are JSON documents (or None), `at` is ms."""
+
+    id: str  # unique per action: the store's key, so a re-delivered entry is stored once
+    at: int
+    actor: str  # the admin token's name
+    action: str  # e.g. campaign.create, campaign.pause
+    target: str  # e.g. campaign:<id>
+    before: str | None = None
+    after: str | None = None
+    request_id: str = ""
+
+
+_AUDIT_FIELD = "entry"
+_audit_decoder = msgspec.json.Decoder(AuditEntry)
+_audit_encoder = msgspec.json.Encoder()
+
+
+def audit_fields(entry: AuditEntry) -> dict[str, bytes]:
+    """The audit stream entry for `entry`."""
+    return {_AUDIT_FIELD: _audit_encoder.encode(entry)}
+
+
+def decode_audit(fields: dict[Any, Any]) -> AuditEntry:
+    """Raises msgspec.DecodeError for an entry that is not an audit entry."""
+    raw = fields.get(_AUDIT_FIELD)
+    if raw is None:
+        raise msgspec.ValidationError("not an audit entry: no `entry` field")
+    return _audit_decoder.decode(raw)
 
 
 class Store(Protocol):
@@ -54,6 +84,13 @@ class Store(Protocol):
 
     async def save_campaign(self, campaign_id: str, spec_json: str) -> None:
         """Upsert a campaign's spec, so Redis can be rebuilt from the store."""
+
+    async def insert_audit(self, entries: Sequence[AuditEntry]) -> int:
+        """Insert in one transaction, skipping ids already stored; returns rows added."""
+
+    async def audit_entries(self, target: str | None = None, limit: int = 1000,
+                            ) -> list[AuditEntry]:
+        """The newest `limit` entries (of one target when given), oldest first."""
 
     async def claim_count(self, campaign_id: str) -> int: ...
 

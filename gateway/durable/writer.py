@@ -1,8 +1,9 @@
-"""The writer: drains each campaign's claim stream into the durable store through the
-`writer` consumer group — its own pending entries first, then new ones; one transaction per
-batch, commit, then ack (lua/ack.lua, which also lowers the campaign's backlog). Entries of
-dead consumers are reclaimed (XAUTOCLAIM); an entry that fails `max_deliveries` times goes
-to the campaign's dead-letter stream. Streams are trimmed only below what every group acked."""
+"""The writer: drains each campaign's claim stream (and the admin audit stream, see
+gateway/durable/audit.py) into the durable store through the `writer` consumer group — its
+own pending entries first, then new ones; one transaction per batch, commit, then ack
+(lua/ack.lua, which also lowers the campaign's backlog). Entries of dead consumers are
+reclaimed (XAUTOCLAIM); an entry that fails `max_deliveries` times goes to the campaign's
+dead-letter stream. Streams are trimmed only below what every group acked."""
 
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ class Writer:
         self.errors = 0
 
     async def run(self) -> None:
+        from gateway.durable.audit import AuditDrain
+
+        audit = asyncio.create_task(AuditDrain(self).run())
         drains: dict[str, asyncio.Task[None]] = {}
         backoff = Backoff()
         while not self.stop.is_set():
@@ -87,7 +91,7 @@ class Writer:
                 delay = backoff.next()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
-        await asyncio.gather(*drains.values(), return_exceptions=True)
+        await asyncio.gather(audit, *drains.values(), return_exceptions=True)
 
     def close(self) -> None:
         self.stop.set()

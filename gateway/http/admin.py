@@ -1,10 +1,10 @@
-"""Operator endpoints behind the admin bearer token: create, list, show, pause, resume, end
-and restock campaigns. Every change goes through a Lua script and is published to workers."""
+"""Operator endpoints behind admin tokens (reads: read scope; changes: write scope): create,
+list, show, pause, resume, end and restock campaigns. Every change goes through a Lua
+script, is published to workers and is written to the audit log."""
 
 from __future__ import annotations
 
 import heapq
-import hmac
 import time
 from typing import Any
 
@@ -13,8 +13,10 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.domain import Admission, CampaignSpec, SpecError, to_ms, validate_spec
+from gateway.http.adminauth import require_admin
+from gateway.http.audit import campaign_target, record
 from gateway.http.body import decode, read_capped
-from gateway.http.context import GATEWAY, Gateway
+from gateway.http.context import Gateway
 from gateway.redis.campaigns import CampaignState, parse_meta
 from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.schemas import (
@@ -27,20 +29,6 @@ from gateway.schemas import (
 )
 
 SPEC_BODY_MAX = 128 * 1024
-
-
-def require_admin(request: web.Request) -> Gateway:
-    gw = request.app[GATEWAY]
-    auth = request.headers.get("Authorization", "")
-    if not auth.startswith("Bearer "):
-        raise errors.Unauthorized(
-            "The admin API needs `Authorization: Bearer <admin token>`",
-            headers={"WWW-Authenticate": 'Bearer realm="flashclaim-admin"'},
-        )
-    expected = (gw.settings.admin_token or "").encode()
-    if not expected or not hmac.compare_digest(auth[7:].strip().encode(), expected):
-        raise errors.Forbidden("That admin token is not valid")
-    return gw
 
 
 def info(state: CampaignState) -> CampaignInfo:
@@ -107,11 +95,12 @@ async def create_campaign(request: web.Request) -> web.Response:
     await gw.client.sadd(CAMPAIGNS, spec.id)
     state = await gw.views.load(spec.id)
     assert state is not None
+    await record(gw, request, "campaign.create", campaign_target(spec.id), None, info(state))
     return json_response(info(state), 201)
 
 
 async def list_campaigns(request: web.Request) -> web.Response:
-    gw = require_admin(request)
+    gw = require_admin(request, "read")
     ids = sorted(str(i) for i in await gw.client.smembers(CAMPAIGNS))
     async with gw.client.pipeline(transaction=False) as pipe:
         for cid in ids:
@@ -122,43 +111,49 @@ async def list_campaigns(request: web.Request) -> web.Response:
 
 
 async def show_campaign(request: web.Request) -> web.Response:
-    gw = require_admin(request)
+    gw = require_admin(request, "read")
     return json_response(info(await fresh_state(gw, request.match_info["id"])))
 
 
-async def _set_status(request: web.Request, status: str) -> web.Response:
+async def _set_status(request: web.Request, status: str, action: str) -> web.Response:
     gw = require_admin(request)
     cid = request.match_info["id"]
+    before = info(await fresh_state(gw, cid))  # now: pub/sub updates the view in place
     result = await gw.scripts.set_status(cid, status)
     if result == 0:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be {status} again")
-    return json_response(info(await fresh_state(gw, cid)))
+    after = info(await fresh_state(gw, cid))
+    await record(gw, request, action, campaign_target(cid), before, after)
+    return json_response(after)
 
 
 async def pause(request: web.Request) -> web.Response:
-    return await _set_status(request, "paused")
+    return await _set_status(request, "paused", "campaign.pause")
 
 
 async def resume(request: web.Request) -> web.Response:
-    return await _set_status(request, "live")
+    return await _set_status(request, "live", "campaign.resume")
 
 
 async def end(request: web.Request) -> web.Response:
-    return await _set_status(request, "ended")
+    return await _set_status(request, "ended", "campaign.end")
 
 
 async def restock(request: web.Request) -> web.Response:
     gw = require_admin(request)
     cid = request.match_info["id"]
     req = decode(restock_decoder, await read_capped(request, 4096))
+    before = info(await fresh_state(gw, cid))
     result = await gw.scripts.restock(cid, req.quantity)
     if result[0] == 0:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result[0] < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be restocked")
-    return json_response(info(await fresh_state(gw, cid)))
+    after = info(await fresh_state(gw, cid))
+    await record(gw, request, "campaign.restock", campaign_target(cid), before, after)
+    return json_response(after)
 
 
 async def set_admission(request: web.Request) -> web.Response:
@@ -168,6 +163,7 @@ async def set_admission(request: web.Request) -> web.Response:
     cid = request.match_info["id"]
     admission = decode(admission_decoder, await read_capped(request, 4096))
     state = await fresh_state(gw, cid)
+    before = info(state)
     try:
         spec = validate_spec(msgspec.structs.replace(state.spec, admission=admission))
     except SpecError as e:
@@ -178,7 +174,9 @@ async def set_admission(request: web.Request) -> web.Response:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended")
-    return json_response(info(await fresh_state(gw, cid)))
+    after = info(await fresh_state(gw, cid))
+    await record(gw, request, "campaign.admission", campaign_target(cid), before, after)
+    return json_response(after)
 
 
 TOP_BY = {"ip": "ips", "device": "devices"}
@@ -186,7 +184,7 @@ TOP_BY = {"ip": "ips", "device": "devices"}
 
 async def top_claimants(request: web.Request) -> web.Response:
     """The anomaly view: the addresses or devices (keyed hashes) with the most grants."""
-    gw = require_admin(request)
+    gw = require_admin(request, "read")
     cid = request.match_info["id"]
     by = request.query.get("by", "ip")
     if by not in TOP_BY:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -14,11 +15,12 @@ from redis.exceptions import RedisError
 from gateway.admission.guard import Admission
 from gateway.admission.waitingroom import RoomCache
 from gateway.http import admin, claims, ops
+from gateway.http.adminauth import ADMIN_AUTH, AdminAuth, admin_tokens
 from gateway.http.context import GATEWAY, Gateway
 from gateway.http.peer import PeerResolver
 from gateway.http.problems import problems_middleware
 from gateway.http.room import RoomRefresher
-from gateway.identity import Verifier, load_public_keys
+from gateway.identity import KeyFile, PublicKey, Verifier
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
 from gateway.redis.client import redis_client
@@ -28,18 +30,27 @@ from gateway.settings import Settings
 
 
 def make_verifier(settings: Settings, clock: Callable[[], float]) -> Verifier:
-    keys = load_public_keys(settings.identity_public_keys) if settings.identity_public_keys else []
+    keys: KeyFile | list[PublicKey] = (
+        KeyFile(settings.identity_public_keys) if settings.identity_public_keys else [])
     if not settings.identity_secret and not keys:
         raise RuntimeError("set FLASHCLAIM_IDENTITY_SECRET or FLASHCLAIM_IDENTITY_PUBLIC_KEYS")
-    return Verifier(settings.identity_secret, keys, settings.signing_key, clock)
+    return Verifier(settings.identity_secret, keys, settings.signing_key, clock,
+                    issuer=settings.identity_issuer, audience=settings.identity_audience,
+                    leeway_s=settings.identity_leeway_s)
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
-    if not settings.admin_token:
-        raise RuntimeError("FLASHCLAIM_ADMIN_TOKEN is not set")
+Part = Literal["all", "public", "admin"]
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
+               part: Part = "all") -> web.Application:
+    """`part` picks the routes: claimant and ops (`public`), the admin API (`admin`, for
+    FLASHCLAIM_ADMIN_LISTEN), or both on one port (`all`, the default)."""
+    auth = AdminAuth(admin_tokens(settings))  # no admin token, or a malformed one: no start
     verifier = make_verifier(settings, clock)
     peers = PeerResolver(settings.trusted_proxies)  # a bad CIDR stops start-up here
     app = web.Application(middlewares=[problems_middleware], client_max_size=256 * 1024)
+    app[ADMIN_AUTH] = auth
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         client = redis_client(settings, retries=1)  # reads, pub/sub
@@ -74,7 +85,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         await client.aclose()
 
     app.cleanup_ctx.append(resources)
-    claims.add_routes(app)
-    admin.add_routes(app)
-    ops.add_routes(app)
+    if part != "admin":
+        claims.add_routes(app)
+    if part != "public":
+        admin.add_routes(app)
+    ops.add_routes(app, public=part != "admin", admin=part != "public")
     return app

@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 
 from gateway import metrics
 from gateway.errors import Unavailable
-from gateway.http.admin import require_admin
+from gateway.http.adminauth import require_admin
 from gateway.http.context import GATEWAY
 from gateway.http.openapi import admin_document, public_document
 from gateway.schemas import Health, encoder
@@ -35,19 +35,24 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(body=_OK, content_type="application/json")
 
 
-def add_routes(app: web.Application) -> None:
-    public = encoder.encode(public_document())
-    admin = encoder.encode(admin_document())
-
-    async def openapi(request: web.Request) -> web.Response:
-        return web.Response(body=public, content_type="application/json")
-
-    async def openapi_admin(request: web.Request) -> web.Response:
-        require_admin(request)
-        return web.Response(body=admin, content_type="application/json")
-
+def add_routes(app: web.Application, *, public: bool = True, admin: bool = True) -> None:
+    """Liveness and readiness everywhere; the public document and /metrics with the public
+    routes, the admin document with the admin routes."""
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/openapi.json", openapi)
-    app.router.add_get("/openapi-admin.json", openapi_admin)
-    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry()))
+    if public:
+        public_doc = encoder.encode(public_document())
+
+        async def openapi(request: web.Request) -> web.Response:
+            return web.Response(body=public_doc, content_type="application/json")
+
+        app.router.add_get("/openapi.json", openapi)
+        app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry()))
+    if admin:
+        admin_doc = encoder.encode(admin_document())
+
+        async def openapi_admin(request: web.Request) -> web.Response:
+            require_admin(request, "read")
+            return web.Response(body=admin_doc, content_type="application/json")
+
+        app.router.add_get("/openapi-admin.json", openapi_admin)

@@ -29,6 +29,7 @@ _FIELD = re.compile(r"at `(\$[^`]*)`")
 _NAMED = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def problem_response(p: Problem, request_id: str | None = None) -> web.Response:
@@ -103,6 +104,7 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
     rid = request.headers.get("X-Request-Id", "")
     if not _valid_rid.match(rid):
         rid = f"{_prefix}-{next(_ids):x}"
+    request[REQUEST_ID] = rid
     try:
         resp = await handler(request)
     except Problem as p:

@@ -9,6 +9,7 @@ CAMPAIGNS = "fc:campaigns"  # set of campaign ids, for listing
 # pub/sub channel: "changed <id>" | "soldout <id>" | "status <id> <version> <status>"
 #                 | "restock <id> <version> <remaining> <total>"
 CHANGES = "fc:changes"
+AUDIT = "fc:audit"  # stream: admin actions on their way to the store's audit_log
 
 
 class CampaignKeys(NamedTuple):
