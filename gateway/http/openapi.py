@@ -98,7 +98,9 @@ def admin_document() -> dict[str, Any]:
         o: dict[str, Any] = {
             "summary": summary, "security": _BEARER,
             "responses": {status: _ok(ok), "401": _problem("No admin token"),
-                          "403": _problem("Wrong admin token"), "404": _problem("Unknown"),
+                          "403": _problem("Unknown admin token, or a read-scope one "
+                                          "on a change"),
+                          "404": _problem("Unknown"),
                           "409": _problem("Conflict"), "422": _problem("Invalid")},
         }
         if params:
