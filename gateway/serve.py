@@ -18,6 +18,8 @@ import uvloop
 from aiohttp import web
 
 from gateway.http.app import create_app
+from gateway.http.connections import ConnectionGuard, GuardedSite, handler_limits
+from gateway.http.peer import PeerResolver
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,14 +36,16 @@ def setup_logging(level: str) -> None:
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    handler_kwargs = {"access_log": None, **handler_limits(settings)}
+    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **handler_kwargs)
     await runner.setup()
     # Start-up objects live for the whole process: keep the collector off them, and let
     # young garbage pile up longer between collections (fewer, shorter pauses under load).
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
+    guard = ConnectionGuard(settings, PeerResolver(settings.trusted_proxies))
+    site = GuardedSite(runner, host, port, guard, backlog=4096, **handler_kwargs)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

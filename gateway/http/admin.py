@@ -85,6 +85,7 @@ def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
         "per_device": lim.per_device or 0,
         "per_phone": lim.per_phone or 0,
         "per_ip": lim.per_ip or 0,
+        "per_subnet": lim.per_subnet or 0,
         "remaining": spec.stock,
         "total": spec.stock,
         "created": int(time.time() * 1000),
