@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -82,8 +82,7 @@ class GuardedHandler(RequestHandler):
         addr = peer[0] if isinstance(peer, tuple) else ""
         self._addr = addr
         if not self._guard.admit(addr):
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(self._guard.refusal)
+            cast(asyncio.Transport, transport).write(self._guard.refusal)
             self.force_close()
             return
         self._arm()
