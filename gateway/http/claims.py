@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from gateway import errors
 from gateway.domain import (
     LIMIT_KIND,
+    POW_NONCE_MAX,
     Admission,
     CampaignSpec,
     Outcome,
@@ -74,6 +75,17 @@ def idempotency_key(raw: str | None) -> str:
             "Idempotency-Key must be 1-255 printable characters", field="Idempotency-Key"
         )
     return key
+
+
+def pow_nonce(raw: str | None) -> str | None:
+    """The Proof-Of-Work header, checked for shape whether or not the campaign asks for it."""
+    if raw is None:
+        return None
+    if not 1 <= len(raw) <= POW_NONCE_MAX or not all("!" <= ch <= "~" for ch in raw):
+        raise errors.BadHeader(
+            f"{POW_HEADER} must be 1-{POW_NONCE_MAX} visible ASCII characters", field=POW_HEADER
+        )
+    return raw
 
 
 def parse_records(records: str) -> list[tuple[int, int]]:
@@ -182,7 +194,7 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
     why_not = ineligibility(state.spec, who, req.channel)
     if why_not is not None:
         raise errors.NotEligible(why_not)
-    no_proof = missing_proof(state.spec, who, request.headers.get(POW_HEADER))
+    no_proof = missing_proof(state.spec, who, pow_nonce(request.headers.get(POW_HEADER)))
     if no_proof is not None:
         raise errors.ProofRequired(no_proof)
     ikey = idempotency_key(request.headers.get("Idempotency-Key"))

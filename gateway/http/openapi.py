@@ -38,6 +38,9 @@ def _ok(t: type, desc: str = "OK") -> dict[str, Any]:
 
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+# 1-255 visible ASCII characters, inner spaces allowed (a quoted key is accepted too)
+_IDEMPOTENCY_KEY = {"type": "string", "pattern": r"^[!#-~]([ -~]{0,253}[!-~])?$"}
+_NONCE = {"type": "string", "pattern": r"^[!-~]{1,64}$"}
 
 
 def _doc(title: str, paths: dict[str, Any], types: Sequence[type]) -> dict[str, Any]:
@@ -58,7 +61,7 @@ def public_document() -> dict[str, Any]:
         "201": _ok(Grant, "Granted (or the original grant for a repeated Idempotency-Key)"),
         "400": _problem("Malformed JSON or header"),
         "401": _problem("Missing, invalid or expired identity token"),
-        "403": _problem("Not eligible"),
+        "403": _problem("not_eligible, blocked or proof_required"),
         "404": _problem("Unknown campaign"),
         "409": _problem("limit_reached, not_started or paused"),
         "410": _problem("sold_out or ended"),
@@ -71,7 +74,10 @@ def public_document() -> dict[str, Any]:
         "/v1/campaigns/{id}/claims": {"post": {
             "summary": "Claim from a campaign",
             "parameters": [*_ID, {"name": "Idempotency-Key", "in": "header",
-                                  "required": False, "schema": {"type": "string"}}],
+                                  "required": False, "schema": _IDEMPOTENCY_KEY},
+                           {"name": "Proof-Of-Work", "in": "header", "required": False,
+                            "description": "The nonce, when the campaign asks for a proof "
+                                           "of work", "schema": _NONCE}],
             "security": _BEARER,
             "requestBody": {"required": False,
                             "content": {"application/json": {"schema": _ref(ClaimRequest)}}},
