@@ -14,7 +14,7 @@ import jwt
 
 from gateway.domain import keyed_hash
 from tests.conftest import claim, create_campaign
-from tests.servers import Gateway, RedisServer, Writer, private_stack
+from tests.servers import RedisServer, Writer, private_stack
 
 PHONES = [f"+86138000{i:05d}" for i in range(12)]
 DEVICES = [f"IMEI-35{i:013d}" for i in range(12)]

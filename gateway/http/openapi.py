@@ -11,6 +11,9 @@ import msgspec
 from gateway import __version__
 from gateway.domain import Admission, CampaignSpec, Grant
 from gateway.schemas import (
+    BlockEntry,
+    BlockList,
+    BlockRequest,
     CampaignInfo,
     CampaignList,
     ClaimList,
@@ -98,6 +101,27 @@ def public_document() -> dict[str, Any]:
     return _doc("flashclaim", paths, [Grant, ClaimList, ClaimRequest, ProblemDocument, Health])
 
 
+def _block_operations() -> dict[str, Any]:
+    kind = {"name": "kind", "in": "path", "required": True,
+            "schema": {"enum": ["user", "device", "ip"]}}
+    denied = {"401": _problem("No admin token"), "403": _problem("Wrong admin token"),
+              "404": _problem("Unknown list or entry"), "422": _problem("Invalid")}
+    return {
+        "get": {"summary": "A blocklist", "security": _BEARER, "parameters": [kind],
+                "responses": {"200": _ok(BlockList), **denied}},
+        "post": {"summary": "Block a user, a device (hashed here) or an address/CIDR",
+                 "security": _BEARER, "parameters": [kind],
+                 "requestBody": {"required": True, "content": {
+                     "application/json": {"schema": _ref(BlockRequest)}}},
+                 "responses": {"201": _ok(BlockEntry, "Added"),
+                               "200": _ok(BlockEntry, "Updated"), **denied}},
+        "delete": {"summary": "Unblock", "security": _BEARER, "parameters": [
+            kind, {"name": "value", "in": "query", "required": True, "schema": {"type": "string"}},
+            {"name": "hashed", "in": "query", "schema": {"enum": ["true", "false"]}}],
+                   "responses": {"200": _ok(BlockEntry, "Removed"), **denied}},
+    }
+
+
 def admin_document() -> dict[str, Any]:
     def op(summary: str, ok: type, status: str = "200", body: type | None = None,
            params: bool = True) -> dict[str, Any]:
@@ -135,6 +159,8 @@ def admin_document() -> dict[str, Any]:
             "responses": {"200": {"description": "{campaign_id, by, top: [{key, claims}]}"},
                           "401": _problem("No admin token"), "404": _problem("Unknown")},
         }},
+        "/v1/blocks/{kind}": _block_operations(),
     }
-    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument]
+    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument,
+             BlockRequest, BlockEntry, BlockList]
     return _doc("flashclaim admin", paths, types)
