@@ -109,6 +109,11 @@ async def test_per_subnet_limit_counts_the_network(
     status, body = await from_("g", "2001:db8:1:77::9")  # the same /48
     assert (status, body["limit"]) == (409, "subnet"), body
     assert (await from_("h", "2001:db8:2::1"))[0] == 201
+    async with http.get(f"{proxied.base}/v1/campaigns/{cid}/top", params={"by": "subnet"},
+                        headers=proxied.admin_headers) as r:
+        top = {t["key"]: t["claims"] for t in (await r.json())["top"]}
+    assert top == {"198.51.100.0/24": 2, "198.51.101.0/24": 1, "2001:db8:1::/48": 2,
+                   "2001:db8:2::/48": 1}, top
 
 
 async def test_per_subnet_limit_is_exact_under_concurrency(

@@ -182,16 +182,17 @@ async def set_admission(request: web.Request) -> web.Response:
     return json_response(info(await fresh_state(gw, cid)))
 
 
-TOP_BY = {"ip": "ips", "device": "devices"}
+TOP_BY = {"ip": "ips", "device": "devices", "subnet": "subnets"}  # subnets: under per_subnet
 
 
 async def top_claimants(request: web.Request) -> web.Response:
-    """The anomaly view: the addresses or devices (keyed hashes) with the most grants."""
+    """The anomaly view: the addresses, devices (keyed hashes) or networks with the most
+    grants."""
     gw = require_admin(request)
     cid = request.match_info["id"]
     by = request.query.get("by", "ip")
     if by not in TOP_BY:
-        raise errors.Unprocessable("`by` must be `ip` or `device`", field="by")
+        raise errors.Unprocessable("`by` must be `ip`, `device` or `subnet`", field="by")
     try:
         limit = min(max(int(request.query.get("limit", "20")), 1), 1000)
     except ValueError:

@@ -151,10 +151,11 @@ def admin_document() -> dict[str, Any]:
         "/v1/campaigns/{id}/admission": {"put": op("Change the admission rate live",
                                                    CampaignInfo, body=Admission)},
         "/v1/campaigns/{id}/top": {"get": {
-            "summary": "The anomaly view: top addresses or devices by grants",
+            "summary": "The anomaly view: top addresses, devices or networks by grants",
             "security": _BEARER,
             "parameters": [*_ID,
-                           {"name": "by", "in": "query", "schema": {"enum": ["ip", "device"]}},
+                           {"name": "by", "in": "query",
+                            "schema": {"enum": ["ip", "device", "subnet"]}},
                            {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
             "responses": {"200": {"description": "{campaign_id, by, top: [{key, claims}]}"},
                           "401": _problem("No admin token"), "404": _problem("Unknown")},
