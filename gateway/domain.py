@@ -240,6 +240,15 @@ def keyed_hash(key: bytes, value: str) -> str:
     return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def device_hash(key: bytes, device_id: str) -> str:
+    """The one pseudonym of a device id: in claims, counters, blocklists and the store."""
+    return keyed_hash(key, "d:" + device_id)
+
+
+def phone_hash(key: bytes, phone: str) -> str:
+    return keyed_hash(key, "p:" + phone)
+
+
 # ---- grants and coupon codes -------------------------------------------------------------
 
 class IssuedCoupon(Struct, frozen=True):

@@ -13,7 +13,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import errors
-from gateway.domain import Identity, keyed_hash
+from gateway.domain import Identity, device_hash
 from gateway.http.admin import json_response, require_admin
 from gateway.http.body import decode, read_capped
 from gateway.http.context import GATEWAY
@@ -52,7 +52,7 @@ def _value(request: web.Request, kind: Kind, raw: str, hashed: bool) -> str:
     """The stored form: devices as their keyed hash, addresses canonical."""
     if kind == "device":
         if not hashed:
-            return keyed_hash(request.app[GATEWAY].settings.signing_key, "d:" + raw)
+            return device_hash(request.app[GATEWAY].settings.signing_key, raw)
         if len(raw) != 32 or not set(raw) <= _HASHED:
             raise errors.Unprocessable("A hashed device id is 32 lowercase hex digits",
                                        field="$.value")
