@@ -370,14 +370,15 @@ def campaign() -> None:
 @click.option("--per-device", type=int, default=None)
 @click.option("--per-phone", type=int, default=None)
 @click.option("--per-ip", type=int, default=None)
+@click.option("--per-subnet", type=int, default=None, help="Grants per IPv4 /24 or IPv6 /48.")
 @click.option("--coupon", default="threshold:3000:10000", show_default=True,
               help="KIND:VALUE[:THRESHOLD], money in minor units.")
 @click.option("--valid-days", type=int, default=30, show_default=True)
 @click.option("--currency", default="CNY", show_default=True)
 def campaign_create(spec_file: Any, cid: str | None, name: str | None, stock: int | None,
                     starts_in: float, duration: float, per_user: int, per_device: int | None,
-                    per_phone: int | None, per_ip: int | None, coupon: str, valid_days: int,
-                    currency: str) -> None:
+                    per_phone: int | None, per_ip: int | None, per_subnet: int | None,
+                    coupon: str, valid_days: int, currency: str) -> None:
     """Create a campaign from --file, or from the options."""
     if spec_file is not None:
         _admin("POST", "/v1/campaigns", json.load(spec_file))
@@ -388,7 +389,8 @@ def campaign_create(spec_file: Any, cid: str | None, name: str | None, stock: in
     value, _, threshold = rest.partition(":")
     start = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=starts_in)
     limits = {k: v for k, v in [("per_user", per_user), ("per_device", per_device),
-                                ("per_phone", per_phone), ("per_ip", per_ip)] if v is not None}
+                                ("per_phone", per_phone), ("per_ip", per_ip),
+                                ("per_subnet", per_subnet)] if v is not None}
     spec: dict[str, Any] = {
         "name": name, "stock": stock, "limits": limits,
         "starts_at": start.isoformat(),

@@ -36,6 +36,8 @@ class Limits(Struct, frozen=True, forbid_unknown_fields=True):
     per_device: PositiveCount | None = None
     per_phone: PositiveCount | None = None
     per_ip: PositiveCount | None = None
+    # grants per network: an IPv4 /24 or an IPv6 /48 (one site's allocation), see peer.subnet
+    per_subnet: PositiveCount | None = None
 
 
 class Eligibility(Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,6 +72,16 @@ class Admission(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=T
         return self.admit_per_s, self.burst or max(1, math.ceil(self.admit_per_s))
 
 
+class AntiBot(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A proof a claim must carry (403 `proof_required` without it): a tag the identity
+    token carries (set by the app's challenge), and/or a proof of work: a `Proof-Of-Work`
+    header with a nonce such that sha256("<campaign>:<user>:<nonce>") starts with
+    `pow_bits` zero bits (2**pow_bits hashes on average for the caller, one to check)."""
+
+    tag: Label | None = None
+    pow_bits: Annotated[int, Meta(ge=1, le=32)] | None = None
+
+
 class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """A campaign as the operator defines it (DESIGN §4)."""
 
@@ -82,6 +94,7 @@ class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_default
     limits: Limits = Limits()
     eligibility: Eligibility = Eligibility()
     admission: Admission | None = None
+    antibot: AntiBot | None = None
 
 
 def face_value(spec: CampaignSpec) -> int:
@@ -120,6 +133,8 @@ def validate_spec(spec: CampaignSpec) -> CampaignSpec:
     if spec.admission is not None and spec.admission.waiting_room and (
             spec.admission.admit_per_s is None):
         raise SpecError("admission.admit_per_s", "A waiting room needs `admit_per_s`")
+    if spec.antibot is not None and spec.antibot.tag is None and spec.antibot.pow_bits is None:
+        raise SpecError("antibot", "Expected `tag` or `pow_bits`")
     if spec.id is None:
         spec = msgspec.structs.replace(spec, id=f"c-{secrets.token_hex(6)}")
     return spec
@@ -154,6 +169,7 @@ class Outcome(IntEnum):
     UNKNOWN = 11
     BACKLOG = 12  # the durable store is too far behind: shed
     ADMISSION = 13  # over the campaign's admission rate
+    LIMIT_SUBNET = 14  # the caller's /24 (IPv4) or /48 (IPv6) has its grants
 
 
 LIMIT_KIND = {
@@ -161,6 +177,7 @@ LIMIT_KIND = {
     Outcome.LIMIT_DEVICE: "device",
     Outcome.LIMIT_PHONE: "phone",
     Outcome.LIMIT_IP: "ip",
+    Outcome.LIMIT_SUBNET: "subnet",
 }
 
 
@@ -192,9 +209,44 @@ def ineligibility(spec: CampaignSpec, who: Identity, channel: str | None) -> str
     return None
 
 
+POW_NONCE_MAX = 64
+
+
+def proof_of_work_ok(campaign_id: str, user_id: str, nonce: str | None, bits: int) -> bool:
+    """True when sha256("<campaign>:<user>:<nonce>") starts with `bits` zero bits."""
+    if not nonce or len(nonce) > POW_NONCE_MAX:
+        return False
+    digest = hashlib.sha256(f"{campaign_id}:{user_id}:{nonce}".encode()).digest()
+    return int.from_bytes(digest[:4]) >> (32 - bits) == 0
+
+
+def missing_proof(spec: CampaignSpec, who: Identity, pow_nonce: str | None) -> str | None:
+    """Why the claim lacks the campaign's anti-bot proof, or None when it has it."""
+    ab = spec.antibot
+    if ab is None:
+        return None
+    if ab.tag is not None and ab.tag not in who.tags:
+        return f"the identity token must carry the `{ab.tag}` tag (pass the app's challenge)"
+    assert spec.id is not None
+    if ab.pow_bits is not None and not proof_of_work_ok(spec.id, who.user_id, pow_nonce,
+                                                        ab.pow_bits):
+        return (f"a `Proof-Of-Work` header is required: a nonce such that "
+                f"sha256(\"{spec.id}:<user id>:<nonce>\") starts with {ab.pow_bits} zero bits")
+    return None
+
+
 def keyed_hash(key: bytes, value: str) -> str:
     """A stable pseudonym for PII (phone, device) so that raw values never leave the worker."""
     return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def device_hash(key: bytes, device_id: str) -> str:
+    """The one pseudonym of a device id: in claims, counters, blocklists and the store."""
+    return keyed_hash(key, "d:" + device_id)
+
+
+def phone_hash(key: bytes, phone: str) -> str:
+    return keyed_hash(key, "p:" + phone)
 
 
 # ---- grants and coupon codes -------------------------------------------------------------

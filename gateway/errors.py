@@ -7,6 +7,8 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      ├── Unauthorized (401 unauthorized)
      ├── Forbidden (403 forbidden)
      │    ├── NotEligible (403 not_eligible)
+     │    ├── Blocked (403 blocked)       user, device or address on a blocklist
+     │    ├── ProofRequired (403 proof_required)  the campaign's anti-bot proof is missing
      │    └── BadTicket (403 bad_ticket)
      ├── NotFound (404 not_found)
      ├── Conflict (409 conflict)
@@ -23,7 +25,8 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      ├── TooManyRequests (429 rate_limited)
      │    └── AdmissionLimited (429 admission)
      └── Unavailable (503 unavailable)
-          └── Overloaded (503 overloaded)
+          ├── Overloaded (503 overloaded)
+          └── TooManyConnections (503 too_many_connections)  per-address connection cap
 """
 
 from __future__ import annotations
@@ -69,6 +72,14 @@ class Forbidden(Problem):
 
 class NotEligible(Forbidden):
     code, title = "not_eligible", "Not eligible for this campaign"
+
+
+class Blocked(Forbidden):
+    code, title = "blocked", "Blocked"
+
+
+class ProofRequired(Forbidden):
+    code, title = "proof_required", "Anti-bot proof required"
 
 
 class BadTicket(Forbidden):
@@ -137,3 +148,7 @@ class Unavailable(Problem):
 
 class Overloaded(Unavailable):
     code, title = "overloaded", "Overloaded; retry shortly"
+
+
+class TooManyConnections(Unavailable):
+    code, title = "too_many_connections", "Too many connections from this address"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 
-from gateway.domain import Identity, keyed_hash
+from gateway.domain import Identity, device_hash, phone_hash
 from gateway.errors import Unauthorized
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,8 @@ class Verifier:
         dev, phone = claims.dev, claims.phone
         identity = Identity(
             user_id=claims.sub,
-            device_h=keyed_hash(self._pii_key, "d:" + dev) if dev else "",
-            phone_h=keyed_hash(self._pii_key, "p:" + phone) if phone else "",
+            device_h=device_hash(self._pii_key, dev) if dev else "",
+            phone_h=phone_hash(self._pii_key, phone) if phone else "",
             tags=frozenset(claims.tags),
             region=claims.region,
         )

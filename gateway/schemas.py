@@ -61,6 +61,27 @@ class CampaignList(Struct):
     campaigns: list[CampaignInfo]
 
 
+class BlockRequest(Struct, frozen=True, forbid_unknown_fields=True):
+    """An entry for a blocklist: a user id, a device id (raw, hashed here; or already the
+    keyed hash the anomaly view shows, with `hashed`), or an address/CIDR."""
+
+    value: Annotated[str, Meta(min_length=1, max_length=128)]
+    reason: Annotated[str, Meta(max_length=500)] = ""
+    hashed: bool = False
+
+
+class BlockEntry(Struct):
+    kind: str
+    value: str  # devices: the keyed hash, never the raw id
+    reason: str = ""
+    at: dt.datetime | None = None
+
+
+class BlockList(Struct):
+    kind: str
+    entries: list[BlockEntry]
+
+
 class Health(Struct):
     status: str
 
@@ -70,3 +91,4 @@ claim_request_decoder = msgspec.json.Decoder(ClaimRequest)
 restock_decoder = msgspec.json.Decoder(RestockRequest)
 admission_decoder = msgspec.json.Decoder(Admission)
 spec_decoder = msgspec.json.Decoder(CampaignSpec)
+block_decoder = msgspec.json.Decoder(BlockRequest)

@@ -21,6 +21,8 @@ from aiohttp import web
 
 from gateway.http.adminauth import Listen
 from gateway.http.app import Part, create_app
+from gateway.http.connections import ConnectionGuard, GuardedSite, handler_limits
+from gateway.http.peer import PeerResolver
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ def setup_logging(level: str) -> None:
 
 async def _serve(settings: Settings, listen: Listen, part: Part) -> None:
     app = create_app(settings, part=part)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    handler_kwargs = {"access_log": None, **handler_limits(settings)}
+    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **handler_kwargs)
     await runner.setup()
     # Start-up objects live for the whole process: keep the collector off them, and let
     # young garbage pile up longer between collections (fewer, shorter pauses under load).
@@ -50,7 +53,9 @@ async def _serve(settings: Settings, listen: Listen, part: Part) -> None:
         await site.start()
         os.chmod(listen.path, 0o600)  # the admin API: only this user's processes
     else:
-        site = web.TCPSite(runner, listen.host, listen.port, reuse_port=True, backlog=4096)
+        guard = ConnectionGuard(settings, PeerResolver(settings.trusted_proxies))
+        site = GuardedSite(runner, listen.host, listen.port, guard, backlog=4096,
+                           **handler_kwargs)
         await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,19 +1,22 @@
--- claim(KEYS: meta, users, devices, phones, ips, grants, idem, idem_exp, events
+-- claim(KEYS: meta, users, devices, phones, ips, grants, idem, idem_exp, events, subnets
 --       | ARGV: campaign_id, changes_channel, idem_ttl_ms, backlog_max,
---               then per claim: user, device_h, phone_h, ip, idem_key, channel)
+--               then per claim: user, device_h, phone_h, ip, idem_key, channel, subnet)
 -- Decides a whole batch of claims of one campaign atomically, on Redis TIME.
 -- returns {now_ms, remaining, version, code1, data1, code2, data2, ...}; codes are
 -- gateway.domain.Outcome: 1 granted ("seq:ms"), 2 replayed ("seq:ms"), 3 sold_out,
 -- 4..7 limit user/device/phone/ip (the user's grants "seq:ms,..."), 8 not_started (starts ms),
 -- 9 ended, 10 paused, 11 unknown campaign, 12 backlog (the store is behind: shed with 503),
--- 13 admission (over the campaign's admission rate: ms until the next token).
+-- 13 admission (over the campaign's admission rate: ms until the next token),
+-- 14 limit_subnet (the caller's network has meta.per_subnet grants: the user's grants, as
+-- for the other limits; the worker names the network, see subnet() in gateway/http/peer.py).
 -- The admission rate is a token bucket on Redis TIME (meta adm_rate per s, adm_burst),
 -- exact across every gateway; it is taken only by claims that pass the identity limits.
 -- Each grant adds one to meta.unwritten; lua/ack.lua takes it off when the writer acks.
 local meta, users, devices, phones, ips, grants, idem, idem_exp, events =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local subnets = KEYS[10]
 local cid, channel, idem_ttl, backlog_max = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local FIELDS, HEAD = 6, 4
+local FIELDS, HEAD = 7, 4
 local n = (#ARGV - HEAD) / FIELDS
 
 local t = redis.call('TIME')
@@ -21,7 +24,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local m = redis.call('HMGET', meta, 'status', 'starts', 'ends', 'per_user', 'per_device',
   'per_phone', 'per_ip', 'remaining', 'unwritten', 'version', 'adm_rate', 'adm_burst',
-  'adm_tokens', 'adm_ts')
+  'adm_tokens', 'adm_ts', 'per_subnet')
 local out = {now, 0, tonumber(m[10]) or 0}
 
 local function all(code, data)
@@ -45,6 +48,7 @@ end
 
 local per_user = tonumber(m[4])
 local per_device, per_phone, per_ip = tonumber(m[5]), tonumber(m[6]), tonumber(m[7])
+local per_subnet = tonumber(m[15]) or 0
 
 local function over(key, field, limit)
   return limit > 0 and field ~= '' and (tonumber(redis.call('HGET', key, field)) or 0) >= limit
@@ -61,8 +65,8 @@ end
 local sold_out_now, granted = false, 0
 for i = 0, n - 1 do
   local b = HEAD + i * FIELDS
-  local user, dev, phone, ip, ikey, chan =
-    ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+  local user, dev, phone, ip, ikey, chan, net =
+    ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
   local ifield = user .. '\n' .. ikey
   local prior = false
   if ikey ~= '' then prior = redis.call('HGET', idem, ifield) end
@@ -79,6 +83,8 @@ for i = 0, n - 1 do
     code = 6
   elseif over(ips, ip, per_ip) then
     code = 7
+  elseif over(subnets, net, per_subnet) then
+    code = 14
   elseif remaining <= 0 then
     code = 3
   elseif rate > 0 and tokens < 1 then
@@ -93,6 +99,7 @@ for i = 0, n - 1 do
     if dev ~= '' then redis.call('HINCRBY', devices, dev, 1) end
     if per_phone > 0 and phone ~= '' then redis.call('HINCRBY', phones, phone, 1) end
     if ip ~= '' then redis.call('HINCRBY', ips, ip, 1) end
+    if per_subnet > 0 and net ~= '' then redis.call('HINCRBY', subnets, net, 1) end
     local prev = redis.call('HGET', grants, user)
     redis.call('HSET', grants, user, prev and (prev .. ',' .. data) or data)
     if ikey ~= '' then
@@ -106,7 +113,7 @@ for i = 0, n - 1 do
     granted = granted + 1
     code = 1
   end
-  if code >= 4 and code <= 7 then data = redis.call('HGET', grants, user) or '' end
+  if (code >= 4 and code <= 7) or code == 14 then data = redis.call('HGET', grants, user) or '' end
   out[#out + 1] = code
   out[#out + 1] = data
 end

@@ -16,6 +16,7 @@ from tests.servers import Gateway
 ADMIN_PATHS = [
     "/v1/campaigns", "/v1/campaigns/{id}", "/v1/campaigns/{id}/pause",
     "/v1/campaigns/{id}/resume", "/v1/campaigns/{id}/end", "/v1/campaigns/{id}/restock",
+    "/v1/blocks/{kind}",
 ]
 
 

@@ -1,17 +1,20 @@
 """The caller's address: X-Forwarded-For counts only from a trusted proxy, and the per-IP
-limit in the claim script sees the address it names."""
+and per-subnet limits in the claim script see the address it names."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from gateway.http.peer import PeerResolver, parse_networks
+from gateway.http.peer import PeerResolver, parse_networks, subnet
 from tests.conftest import claim, create_campaign
 from tests.servers import Gateway, RedisServer
 
@@ -76,3 +79,52 @@ async def test_per_ip_limit_counts_forwarded_address(
     assert (await claim(http, gateway, c["id"], gateway.token("a"), headers=ip))[0] == 201
     status, _, _ = await claim(http, gateway, c["id"], gateway.token("b"), headers=other)
     assert status == 409
+
+
+def test_subnet_is_the_v4_24_or_the_v6_48() -> None:
+    assert subnet("198.51.100.77") == "198.51.100.0/24"
+    assert subnet("::ffff:198.51.100.77") == "198.51.100.0/24"
+    assert subnet("2001:db8:1:ffff::1") == "2001:db8:1::/48"
+    assert subnet("garbage") == ""
+
+
+async def test_per_subnet_limit_counts_the_network(
+    http: aiohttp.ClientSession, proxied: Gateway
+) -> None:
+    c = await create_campaign(http, proxied, stock=20, limits={"per_user": 1, "per_subnet": 2})
+    cid = c["id"]
+
+    async def from_(user: str, ip: str) -> tuple[int, dict[str, Any]]:
+        status, body, _ = await claim(http, proxied, cid, proxied.token(user),
+                                      headers={"X-Forwarded-For": ip})
+        return status, body
+
+    assert (await from_("a", "198.51.100.1"))[0] == 201
+    assert (await from_("b", "198.51.100.2"))[0] == 201
+    status, body = await from_("c", "198.51.100.3")
+    assert (status, body["code"], body["limit"]) == (409, "limit_reached", "subnet"), body
+    assert (await from_("d", "198.51.101.3"))[0] == 201  # the next /24
+    assert (await from_("e", "2001:db8:1::1"))[0] == 201
+    assert (await from_("f", "2001:db8:1:ffff::1"))[0] == 201
+    status, body = await from_("g", "2001:db8:1:77::9")  # the same /48
+    assert (status, body["limit"]) == (409, "subnet"), body
+    assert (await from_("h", "2001:db8:2::1"))[0] == 201
+    async with http.get(f"{proxied.base}/v1/campaigns/{cid}/top", params={"by": "subnet"},
+                        headers=proxied.admin_headers) as r:
+        top = {t["key"]: t["claims"] for t in (await r.json())["top"]}
+    assert top == {"198.51.100.0/24": 2, "198.51.101.0/24": 1, "2001:db8:1::/48": 2,
+                   "2001:db8:2::/48": 1}, top
+
+
+async def test_per_subnet_limit_is_exact_under_concurrency(
+    http: aiohttp.ClientSession, proxied: Gateway
+) -> None:
+    """A farm spread over one /24: 200 accounts at once, exactly the cap gets through."""
+    c = await create_campaign(http, proxied, stock=500, limits={"per_user": 1, "per_subnet": 7})
+    answers = await asyncio.gather(*[
+        claim(http, proxied, c["id"], proxied.token(f"farm-{i}"),
+              headers={"X-Forwarded-For": f"203.0.113.{i % 250 + 1}"})
+        for i in range(200)
+    ])
+    statuses = Counter(s for s, _, _ in answers)
+    assert statuses == {201: 7, 409: 193}, statuses

@@ -73,6 +73,7 @@ def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
         "per_device": lim.per_device or 0,
         "per_phone": lim.per_phone or 0,
         "per_ip": lim.per_ip or 0,
+        "per_subnet": lim.per_subnet or 0,
         "remaining": spec.stock,
         "total": spec.stock,
         "created": int(time.time() * 1000),
@@ -179,16 +180,17 @@ async def set_admission(request: web.Request) -> web.Response:
     return json_response(after)
 
 
-TOP_BY = {"ip": "ips", "device": "devices"}
+TOP_BY = {"ip": "ips", "device": "devices", "subnet": "subnets"}  # subnets: under per_subnet
 
 
 async def top_claimants(request: web.Request) -> web.Response:
-    """The anomaly view: the addresses or devices (keyed hashes) with the most grants."""
+    """The anomaly view: the addresses, devices (keyed hashes) or networks with the most
+    grants."""
     gw = require_admin(request, "read")
     cid = request.match_info["id"]
     by = request.query.get("by", "ip")
     if by not in TOP_BY:
-        raise errors.Unprocessable("`by` must be `ip` or `device`", field="by")
+        raise errors.Unprocessable("`by` must be `ip`, `device` or `subnet`", field="by")
     try:
         limit = min(max(int(request.query.get("limit", "20")), 1), 1000)
     except ValueError:

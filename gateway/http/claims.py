@@ -12,17 +12,20 @@ from redis.exceptions import RedisError
 from gateway import errors
 from gateway.domain import (
     LIMIT_KIND,
+    POW_NONCE_MAX,
     Admission,
     CampaignSpec,
     Outcome,
     build_grant,
     claim_id,
     ineligibility,
+    missing_proof,
 )
 from gateway.errors import Problem
-from gateway.http import room
+from gateway.http import blocklist, room
 from gateway.http.body import decode, read_capped
 from gateway.http.context import GATEWAY, Gateway
+from gateway.http.peer import subnet
 from gateway.http.problems import shared_problem_response
 from gateway.http.room import uses_room
 from gateway.metrics import count_claim
@@ -35,6 +38,7 @@ from gateway.schemas import ClaimList, ClaimRequest, claim_request_decoder, enco
 # nearer than that, the claim script decides on Redis TIME.
 WINDOW_MARGIN_MS = 100
 _EMPTY = ClaimRequest()
+POW_HEADER = "Proof-Of-Work"
 
 
 def campaign_wide(state: CampaignState, now_ms: int | None) -> Problem | None:
@@ -73,6 +77,17 @@ def idempotency_key(raw: str | None) -> str:
     return key
 
 
+def pow_nonce(raw: str | None) -> str | None:
+    """The Proof-Of-Work header, checked for shape whether or not the campaign asks for it."""
+    if raw is None:
+        return None
+    if not 1 <= len(raw) <= POW_NONCE_MAX or not all("!" <= ch <= "~" for ch in raw):
+        raise errors.BadHeader(
+            f"{POW_HEADER} must be 1-{POW_NONCE_MAX} visible ASCII characters", field=POW_HEADER
+        )
+    return raw
+
+
 def parse_records(records: str) -> list[tuple[int, int]]:
     """The script's "seq:ms,seq:ms" into (seq, ms) pairs."""
     out = []
@@ -95,7 +110,8 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
     match v.outcome:
         case Outcome.GRANTED | Outcome.REPLAYED:
             return grant_response(gw, state.spec, user_id, v.data)
-        case Outcome.LIMIT_USER | Outcome.LIMIT_DEVICE | Outcome.LIMIT_PHONE | Outcome.LIMIT_IP:
+        case (Outcome.LIMIT_USER | Outcome.LIMIT_DEVICE | Outcome.LIMIT_PHONE | Outcome.LIMIT_IP
+              | Outcome.LIMIT_SUBNET):
             kind = LIMIT_KIND[v.outcome]
             ids = [claim_id(cid, seq) for seq, _ in parse_records(v.data)]
             raise errors.LimitReached(
@@ -173,19 +189,23 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
     who = gw.verifier.verify(request.headers.get("Authorization"))
     body = await read_capped(request, gw.settings.claim_body_max)
     req = decode(claim_request_decoder, body, empty=_EMPTY)
+    ip = gw.peers.address(request)
+    blocklist.check(request, who, ip)
     why_not = ineligibility(state.spec, who, req.channel)
     if why_not is not None:
         raise errors.NotEligible(why_not)
+    no_proof = missing_proof(state.spec, who, pow_nonce(request.headers.get(POW_HEADER)))
+    if no_proof is not None:
+        raise errors.ProofRequired(no_proof)
     ikey = idempotency_key(request.headers.get("Idempotency-Key"))
     if uses_room(state):
         admitted = await room.gate(gw, state, who, request.headers.get(room.TICKET_HEADER))
         if isinstance(admitted, web.Response):
             return admitted
         ikey = admitted
-    ip = gw.peers.address(request)
     # test-only fault point: the script never sees the device, so its limit goes unchecked
     dev = "" if gw.settings.fault == "skip_device_limit" else who.device_h
-    claim = (who.user_id, dev, who.phone_h, ip, ikey, req.channel or "")
+    claim = (who.user_id, dev, who.phone_h, ip, ikey, req.channel or "", subnet(ip))
     # Repeat clicks in flight share one Redis decision where a second claim could not be
     # granted anyway; a follower hears what Redis would have told it: the same grant for
     # the same Idempotency-Key, else limit_reached naming the grant.

@@ -11,6 +11,9 @@ import msgspec
 from gateway import __version__
 from gateway.domain import Admission, CampaignSpec, Grant
 from gateway.schemas import (
+    BlockEntry,
+    BlockList,
+    BlockRequest,
     CampaignInfo,
     CampaignList,
     ClaimList,
@@ -38,6 +41,9 @@ def _ok(t: type, desc: str = "OK") -> dict[str, Any]:
 
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+# 1-255 visible ASCII characters, inner spaces allowed (a quoted key is accepted too)
+_IDEMPOTENCY_KEY = {"type": "string", "pattern": r"^[!#-~]([ -~]{0,253}[!-~])?$"}
+_NONCE = {"type": "string", "pattern": r"^[!-~]{1,64}$"}
 
 
 def _doc(title: str, paths: dict[str, Any], types: Sequence[type]) -> dict[str, Any]:
@@ -58,7 +64,7 @@ def public_document() -> dict[str, Any]:
         "201": _ok(Grant, "Granted (or the original grant for a repeated Idempotency-Key)"),
         "400": _problem("Malformed JSON or header"),
         "401": _problem("Missing, invalid or expired identity token"),
-        "403": _problem("Not eligible"),
+        "403": _problem("not_eligible, blocked or proof_required"),
         "404": _problem("Unknown campaign"),
         "409": _problem("limit_reached, not_started or paused"),
         "410": _problem("sold_out or ended"),
@@ -71,7 +77,10 @@ def public_document() -> dict[str, Any]:
         "/v1/campaigns/{id}/claims": {"post": {
             "summary": "Claim from a campaign",
             "parameters": [*_ID, {"name": "Idempotency-Key", "in": "header",
-                                  "required": False, "schema": {"type": "string"}}],
+                                  "required": False, "schema": _IDEMPOTENCY_KEY},
+                           {"name": "Proof-Of-Work", "in": "header", "required": False,
+                            "description": "The nonce, when the campaign asks for a proof "
+                                           "of work", "schema": _NONCE}],
             "security": _BEARER,
             "requestBody": {"required": False,
                             "content": {"application/json": {"schema": _ref(ClaimRequest)}}},
@@ -90,6 +99,27 @@ def public_document() -> dict[str, Any]:
                              "responses": {"200": {"description": "text exposition"}}}},
     }
     return _doc("flashclaim", paths, [Grant, ClaimList, ClaimRequest, ProblemDocument, Health])
+
+
+def _block_operations() -> dict[str, Any]:
+    kind = {"name": "kind", "in": "path", "required": True,
+            "schema": {"enum": ["user", "device", "ip"]}}
+    denied = {"401": _problem("No admin token"), "403": _problem("Wrong admin token"),
+              "404": _problem("Unknown list or entry"), "422": _problem("Invalid")}
+    return {
+        "get": {"summary": "A blocklist", "security": _BEARER, "parameters": [kind],
+                "responses": {"200": _ok(BlockList), **denied}},
+        "post": {"summary": "Block a user, a device (hashed here) or an address/CIDR",
+                 "security": _BEARER, "parameters": [kind],
+                 "requestBody": {"required": True, "content": {
+                     "application/json": {"schema": _ref(BlockRequest)}}},
+                 "responses": {"201": _ok(BlockEntry, "Added"),
+                               "200": _ok(BlockEntry, "Updated"), **denied}},
+        "delete": {"summary": "Unblock", "security": _BEARER, "parameters": [
+            kind, {"name": "value", "in": "query", "required": True, "schema": {"type": "string"}},
+            {"name": "hashed", "in": "query", "schema": {"enum": ["true", "false"]}}],
+                   "responses": {"200": _ok(BlockEntry, "Removed"), **denied}},
+    }
 
 
 def admin_document() -> dict[str, Any]:
@@ -123,14 +153,17 @@ def admin_document() -> dict[str, Any]:
         "/v1/campaigns/{id}/admission": {"put": op("Change the admission rate live",
                                                    CampaignInfo, body=Admission)},
         "/v1/campaigns/{id}/top": {"get": {
-            "summary": "The anomaly view: top addresses or devices by grants",
+            "summary": "The anomaly view: top addresses, devices or networks by grants",
             "security": _BEARER,
             "parameters": [*_ID,
-                           {"name": "by", "in": "query", "schema": {"enum": ["ip", "device"]}},
+                           {"name": "by", "in": "query",
+                            "schema": {"enum": ["ip", "device", "subnet"]}},
                            {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
             "responses": {"200": {"description": "{campaign_id, by, top: [{key, claims}]}"},
                           "401": _problem("No admin token"), "404": _problem("Unknown")},
         }},
+        "/v1/blocks/{kind}": _block_operations(),
     }
-    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument]
+    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument,
+             BlockRequest, BlockEntry, BlockList]
     return _doc("flashclaim admin", paths, types)

@@ -1,5 +1,6 @@
 """The caller's address: the socket peer, or — when the peer is a trusted proxy
-(FLASHCLAIM_TRUSTED_PROXIES) — the right-most X-Forwarded-For hop that is not one."""
+(FLASHCLAIM_TRUSTED_PROXIES) — the right-most X-Forwarded-For hop that is not one; and the
+network it belongs to for per-subnet limits."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ class PeerResolver:
             return False
         return any(ip in net for net in self.trusted)
 
+    def is_trusted(self, addr: str) -> bool:
+        return bool(self.trusted) and self._is_trusted(addr)
+
     def address(self, request: web.Request) -> str:
         peer = request.remote or ""
         if not self.trusted or not self._is_trusted(peer):
@@ -59,3 +63,21 @@ class PeerResolver:
         except ValueError:
             return False
         return True
+
+
+SUBNET_V4, SUBNET_V6 = 24, 48
+
+
+@lru_cache(maxsize=65536)
+def subnet(addr: str) -> str:
+    """The network `addr` counts under: its IPv4 /24, or its IPv6 /48 (one site's usual
+    allocation: a home or office gets a /48 or /56, so rotating /64s does not escape it).
+    IPv4-mapped IPv6 counts as IPv4; "" for what is not an address."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return ""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = SUBNET_V4 if ip.version == 4 else SUBNET_V6
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))

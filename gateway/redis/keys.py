@@ -24,6 +24,7 @@ class CampaignKeys(NamedTuple):
     events: str  # stream: the claim outbox
     dead: str  # stream: events the writer gave up on, with the reason
     room: str  # zset: the waiting room, user by queue score
+    subnets: str  # hash network (IPv4 /24, IPv6 /48) -> grants; counted under per_subnet
 
     @classmethod
     def of(cls, campaign_id: str) -> CampaignKeys:

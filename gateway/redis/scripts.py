@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 
 from gateway.redis.keys import CHANGES, CampaignKeys
 
-ClaimArgs = tuple[str, str, str, str, str, str]  # user, device_h, phone_h, ip, idem_key, channel
+# user, device_h, phone_h, ip, idem_key, channel, subnet
+ClaimArgs = tuple[str, str, str, str, str, str, str]
 
 
 class Scripts:
@@ -42,7 +43,8 @@ class Scripts:
         for c in claims:
             args.extend(c)
         k = CampaignKeys.of(campaign_id)
-        keys = [k.meta, k.users, k.devices, k.phones, k.ips, k.grants, k.idem, k.idem_exp, k.events]
+        keys = [k.meta, k.users, k.devices, k.phones, k.ips, k.grants, k.idem, k.idem_exp, k.events,
+                k.subnets]
         result: list[Any] = await self._claim(keys=keys, args=args)
         return result
 
