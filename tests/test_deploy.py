@@ -251,3 +251,19 @@ def test_redis_profile_loads_with_its_durability(tmp_path: Path, profile: str,
         c.close()
         proc.terminate()
         proc.wait(10)
+
+
+# --- runbook ------------------------------------------------------------------------------
+
+
+def test_every_alert_links_to_its_runbook_entry() -> None:
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules" / "flashclaim.yml")
+                           .read_text())
+    headings = set(re.findall(r"^### (\w+)$", (ROOT / "docs" / "operations.md").read_text(),
+                              flags=re.M))
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts
+    for rule in alerts:
+        name = rule["alert"]
+        assert name in headings, f"docs/operations.md has no runbook entry for {name}"
+        assert rule["annotations"]["runbook_url"] == f"docs/operations.md#{name.lower()}"
