@@ -113,6 +113,7 @@ def readyz(gw: Gateway) -> int | None:
         with urllib.request.urlopen(gw.base + "/readyz", timeout=1) as r:
             return int(r.status)
     except urllib.error.HTTPError as e:
+        e.close()
         return int(e.code)
     except OSError:
         return None
@@ -138,10 +139,8 @@ async def test_sigterm_under_load_loses_nothing_and_fails_no_client(stack: Stack
         term_at = time.monotonic()
         st.a.proc.terminate()
         # not ready first, while it still serves ...
-        statuses: list[int | None] = []
         while (s := await asyncio.to_thread(readyz, st.a)) == 200:
             assert time.monotonic() - term_at < DRAIN_DELAY_S, "/readyz stayed 200"
-            statuses.append(s)
             await asyncio.sleep(0.05)
         not_ready_at = time.monotonic()
         assert s == 503, f"/readyz answered {s} after SIGTERM, not 503"
