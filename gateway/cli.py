@@ -23,7 +23,7 @@ import msgspec
 from gateway.durable.verify import verify_command
 from gateway.embedded import EmbeddedRedis
 from gateway.identity import mint_token
-from gateway.serve import Supervisor, gateway_roles, setup_logging, writer_main
+from gateway.serve import Supervisor, gateway_roles, setup_logging, stop_timeout_s, writer_main
 from gateway.settings import Settings, load_settings
 
 DEFAULT_PORT = 8080
@@ -56,7 +56,7 @@ def serve(host: str, port: int, workers: int) -> None:
         raise click.UsageError("set " + ", ".join(missing))
     _check_admin_config(settings)
     _metrics_dir(settings)
-    Supervisor(gateway_roles(settings, host, port, workers)).run()
+    Supervisor(gateway_roles(settings, host, port, workers), stop_timeout_s(settings)).run()
 
 
 def _check_admin_config(settings: Settings) -> None:
@@ -191,7 +191,7 @@ Mint an identity token and claim:
                              daemon=True).start()
     try:
         roles = gateway_roles(settings, "127.0.0.1", port, workers)
-        Supervisor([*roles, (writer_main, (settings,))]).run()
+        Supervisor([*roles, (writer_main, (settings,))], stop_timeout_s(settings)).run()
     finally:
         if embedded is not None:
             embedded.stop()

@@ -1,6 +1,8 @@
 """Serving: one worker process runs the aiohttp app on uvloop with SO_REUSEPORT; the
 supervisor starts N of them on one port (plus one for the admin API when it listens apart),
-restarts any that die, and stops them on SIGTERM."""
+restarts any that die, and drains them on SIGTERM: `/readyz` 503 for
+FLASHCLAIM_DRAIN_DELAY_S, then stop listening, then in-flight requests get
+FLASHCLAIM_SHUTDOWN_TIMEOUT_S to finish before the app's resources close."""
 
 from __future__ import annotations
 
@@ -22,12 +24,19 @@ from aiohttp import web
 from gateway.http.adminauth import Listen
 from gateway.http.app import Part, create_app
 from gateway.http.connections import ConnectionGuard, GuardedSite, handler_limits
+from gateway.http.ops import DRAIN
 from gateway.http.peer import PeerResolver
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_TIMEOUT_S = 10.0
+STOP_MARGIN_S = 5.0  # beyond drain and shutdown: closing Redis, the store, the metrics files
+
+
+def stop_timeout_s(settings: Settings) -> float:
+    """How long the supervisor waits for its processes after SIGTERM before it kills them;
+    a container's grace period (terminationGracePeriodSeconds) must cover it."""
+    return settings.drain_delay_s + settings.shutdown_timeout_s + STOP_MARGIN_S
 
 
 def setup_logging(level: str) -> None:
@@ -40,7 +49,7 @@ def setup_logging(level: str) -> None:
 async def _serve(settings: Settings, listen: Listen, part: Part) -> None:
     app = create_app(settings, part=part)
     handler_kwargs = {"access_log": None, **handler_limits(settings)}
-    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **handler_kwargs)
+    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s, **handler_kwargs)
     await runner.setup()
     # Start-up objects live for the whole process: keep the collector off them, and let
     # young garbage pile up longer between collections (fewer, shorter pauses under load).
@@ -62,6 +71,13 @@ async def _serve(settings: Settings, listen: Listen, part: Part) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    app[DRAIN].start()
+    if settings.drain_delay_s > 0:
+        log.info("draining: /readyz answers 503 for %.1fs before listening stops",
+                 settings.drain_delay_s)
+        await asyncio.sleep(settings.drain_delay_s)
+    # Stops listening, lets in-flight requests finish (up to the shutdown timeout), then
+    # closes the app's resources: the claim batcher answers every claim it holds first.
     await runner.cleanup()
 
 
@@ -99,8 +115,9 @@ def gateway_roles(settings: Settings, host: str, port: int, workers: int) -> lis
 class Supervisor:
     """Keeps one process per role running until stopped (SIGTERM/SIGINT)."""
 
-    def __init__(self, roles: list[Role]) -> None:
+    def __init__(self, roles: list[Role], stop_timeout_s: float) -> None:
         self._roles = roles
+        self._stop_timeout_s = stop_timeout_s
         self._ctx = multiprocessing.get_context("spawn")
         self._procs: list[BaseProcess] = []
         self._stopping = False
@@ -130,7 +147,7 @@ class Supervisor:
         for p in self._procs:
             if p.is_alive() and p.pid is not None:
                 p.terminate()
-        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S + 2
+        deadline = time.monotonic() + self._stop_timeout_s
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():

@@ -43,6 +43,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_max_connections: int = 64
     redis_timeout_s: float = 1.0
     log_level: str = "INFO"
+    drain_delay_s: float = 0.0  # on SIGTERM, /readyz answers 503 this long before listening stops
+    shutdown_timeout_s: float = 10.0  # then in-flight requests get this long to finish
     metrics_dir: str = ""  # prometheus multiprocess files; default <var_dir>/metrics
     user_rate_per_s: float = 5.0  # claim requests per user per worker; 0 turns it off
     user_burst: int = 10

@@ -94,6 +94,27 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
         p.wait(15)
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) so far of a process and all its descendants (/proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(stat[11]) + int(stat[12])) / tick  # utime, stime
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except FileNotFoundError:  # exited meanwhile
+            pass
+    return total
+
+
+def redis_main_cpu_s(r: redis.Redis) -> float:
+    """CPU seconds of Redis's main thread: the one that runs every script (the ceiling)."""
+    info: Any = r.info("cpu")
+    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+
+
 def commandstats(r: redis.Redis) -> dict[str, int]:
     info: Any = r.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
@@ -162,8 +183,11 @@ def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
             # generator does the same work per request in every phase
             hello = wrk(hbase, duration, connections, script, [str(tokens), "/hello"])
             before = commandstats(r)
+            cpu_before = tree_cpu_s(procs[0].pid), redis_main_cpu_s(r)
             grant = wrk(gbase, duration, connections, script,
                         [str(tokens), f"/v1/campaigns/{cid}/claims"])
+            gw_cpu = tree_cpu_s(procs[0].pid) - cpu_before[0]
+            redis_cpu = redis_main_cpu_s(r) - cpu_before[1]
             after = commandstats(r)
             granted = int(r.hget(f"fc:{{c:{cid}}}:meta", "seq") or 0)
             evalsha = after.get("evalsha", 0) - before.get("evalsha", 0)
@@ -174,6 +198,9 @@ def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
                    "granted": granted,
                    "evalsha_per_claim": evalsha / max(grant["requests"], 1),
                    "redis_cmds_per_claim": allcmd / max(grant["requests"], 1),
+                   # CPU per grant: what sizes gateway cores and Redis shards
+                   "gateway_cpu_us_per_claim": gw_cpu * 1e6 / max(granted, 1),
+                   "redis_cpu_us_per_claim": redis_cpu * 1e6 / max(granted, 1),
                    "grant_ratio": grant["rps"] / hello["rps"],
                    "soldout_ratio": sold["rps"] / hello["rps"]}
             rows.append(row)
@@ -182,7 +209,8 @@ def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
                        f"  sold out {sold['rps']:.0f}/s ({row['soldout_ratio']:.2f}x)", err=True)
         r.close()
         med = {k: statistics.median(row[k] for row in rows) for k in
-               ("grant_ratio", "soldout_ratio", "evalsha_per_claim", "redis_cmds_per_claim")}
+               ("grant_ratio", "soldout_ratio", "evalsha_per_claim", "redis_cmds_per_claim",
+                "gateway_cpu_us_per_claim", "redis_cpu_us_per_claim")}
         for phase in ("hello", "grant", "soldout"):
             for k in ("rps", "p50_ms", "p99_ms"):
                 med[f"{phase}_{k}"] = statistics.median(row[phase][k] for row in rows)
@@ -209,6 +237,10 @@ def render(m: dict[str, float], workers: int, connections: int) -> str:
                      f"{m[f'{phase}_p99_ms']:>8.2f} {ratio:>8.2f}")
     lines.append(f"Redis EVALSHA per claim: {m['evalsha_per_claim']:.3f}; all Redis commands "
                  f"per claim: {m['redis_cmds_per_claim']:.3f}")
+    lines.append(f"CPU per grant: gateway workers {m['gateway_cpu_us_per_claim']:.0f} us "
+                 f"(~{1e6 / max(m['gateway_cpu_us_per_claim'], 1):.0f} claims/s per core), "
+                 f"Redis main thread {m['redis_cpu_us_per_claim']:.1f} us "
+                 f"(~{1e6 / max(m['redis_cpu_us_per_claim'], 0.1):.0f} claims/s per shard)")
     return "\n".join(lines)
 
 

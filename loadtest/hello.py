@@ -39,4 +39,4 @@ def hello_main(host: str, port: int) -> None:
 
 if __name__ == "__main__":
     port, workers = int(sys.argv[1]), int(sys.argv[2])
-    Supervisor([(hello_main, ("127.0.0.1", port))] * workers).run()
+    Supervisor([(hello_main, ("127.0.0.1", port))] * workers, stop_timeout_s=5).run()
