@@ -22,6 +22,7 @@ import msgspec
 
 from gateway.embedded import EmbeddedRedis
 from gateway.identity import mint_token
+from gateway.report_cli import report
 from gateway.serve import Supervisor, gateway_roles, setup_logging, writer_main
 from gateway.settings import Settings, load_settings
 
@@ -367,6 +368,8 @@ def campaign_restock(campaign_id: str, quantity: int) -> None:
     """Add QUANTITY units to a campaign that has not ended."""
     _admin("POST", f"/v1/campaigns/{campaign_id}/restock", {"quantity": quantity})
 
+
+main.add_command(report)
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from gateway.domain import from_ms
-from gateway.durable.store import ClaimConflict, ClaimRow, StoreUnavailable
+from gateway.domain import from_ms, to_ms
+from gateway.durable.store import ClaimConflict, ClaimRow, StoreReport, StoreUnavailable
 
 MIGRATIONS = [
     """
@@ -37,14 +37,15 @@ MIGRATIONS = [
         UNIQUE (campaign_id, seq)
     );
     """,
+    "ALTER TABLE claims ADD COLUMN region text NOT NULL DEFAULT ''",
 ]
 
 INSERT = """
 INSERT INTO claims (claim_id, campaign_id, user_id, n, seq, granted_at, device, phone, ip,
-                    channel, codes, stream_id)
+                    channel, codes, stream_id, region)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],
                      $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::text[],
-                     $11::jsonb[], $12::text[])
+                     $11::jsonb[], $12::text[], $13::text[])
 ON CONFLICT (claim_id) DO NOTHING
 """
 
@@ -75,12 +76,12 @@ class PostgresStore:
                 await conn.execute("INSERT INTO schema_version VALUES ($1)", version)
 
     async def insert_claims(self, rows: Sequence[ClaimRow]) -> int:
-        cols: list[list[object]] = [[] for _ in range(12)]
+        cols: list[list[object]] = [[] for _ in range(13)]
         for r in rows:
             e = r.event
             for col, value in zip(cols, (
                 e.claim_id, e.campaign_id, e.user_id, e.n, e.seq, from_ms(e.granted_at),
-                e.device, e.phone, e.ip, e.channel, json.dumps(r.codes), r.stream_id,
+                e.device, e.phone, e.ip, e.channel, json.dumps(r.codes), r.stream_id, e.region,
             ), strict=True):
                 col.append(value)
         try:
@@ -111,6 +112,33 @@ class PostgresStore:
         rows = await self._pool.fetch(
             "SELECT claim_id FROM claims WHERE campaign_id = $1", campaign_id)
         return {r[0] for r in rows}
+
+    async def report(self, campaign_id: str, bucket_s: int) -> StoreReport:
+        try:
+            async with self._pool.acquire() as conn:
+                stored, first, last = await conn.fetchrow(
+                    "SELECT count(*), min(granted_at), max(granted_at) FROM claims "
+                    "WHERE campaign_id = $1", campaign_id)
+                buckets = await conn.fetch(
+                    "SELECT (floor(extract(epoch FROM granted_at) / $2) * $2)::bigint AS b, "
+                    "count(*) FROM claims WHERE campaign_id = $1 GROUP BY b ORDER BY b",
+                    campaign_id, bucket_s)
+                channels = await conn.fetch(
+                    "SELECT channel, count(*) FROM claims WHERE campaign_id = $1 "
+                    "GROUP BY channel", campaign_id)
+                regions = await conn.fetch(
+                    "SELECT region, count(*) FROM claims WHERE campaign_id = $1 "
+                    "GROUP BY region", campaign_id)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(repr(e)) from e
+        return StoreReport(
+            stored=int(stored),
+            first_ms=None if first is None else to_ms(first),
+            last_ms=None if last is None else to_ms(last),
+            buckets=[(int(r[0]), int(r[1])) for r in buckets],
+            by_channel={str(r[0]): int(r[1]) for r in channels},
+            by_region={str(r[0]): int(r[1]) for r in regions},
+        )
 
     async def close(self) -> None:
         await self._pool.close()

@@ -34,6 +34,17 @@ class ClaimRow(msgspec.Struct, frozen=True):
     stream_id: str  # where it came from, for audits
 
 
+class StoreReport(msgspec.Struct, frozen=True):
+    """What the store knows of a campaign's grants, for reports."""
+
+    stored: int
+    first_ms: int | None  # the first and the last grant's Redis TIME
+    last_ms: int | None
+    buckets: list[tuple[int, int]]  # (bucket start, unix s; grants in it), oldest first
+    by_channel: dict[str, int]
+    by_region: dict[str, int]
+
+
 class Store(Protocol):
     async def migrate(self) -> None:
         """Create or upgrade the schema."""
@@ -47,6 +58,9 @@ class Store(Protocol):
     async def claim_count(self, campaign_id: str) -> int: ...
 
     async def claim_ids(self, campaign_id: str) -> set[str]: ...
+
+    async def report(self, campaign_id: str, bucket_s: int) -> StoreReport:
+        """Grants per `bucket_s` seconds of granted_at, by channel and by region."""
 
     async def close(self) -> None: ...
 

@@ -10,6 +10,7 @@ import msgspec
 
 from gateway import __version__
 from gateway.domain import Admission, CampaignSpec, Grant
+from gateway.reports import Report
 from gateway.schemas import (
     CampaignInfo,
     CampaignList,
@@ -120,6 +121,20 @@ def admin_document() -> dict[str, Any]:
         "/v1/campaigns/{id}/restock": {"post": op("Add stock", CampaignInfo, body=RestockRequest)},
         "/v1/campaigns/{id}/admission": {"put": op("Change the admission rate live",
                                                    CampaignInfo, body=Admission)},
+        "/v1/campaigns/{id}/report": {"get": {
+            "summary": "Issued, claimed, claim rate, rejections, channels, regions, time to "
+                       "sell out, budget; `format=csv` for a section,key,value CSV",
+            "security": _BEARER,
+            "parameters": [*_ID,
+                           {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}},
+                           {"name": "bucket_s", "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 86400}}],
+            "responses": {"200": {"description": "the report",
+                                  "content": {"application/json": {"schema": _ref(Report)},
+                                              "text/csv": {"schema": {"type": "string"}}}},
+                          "401": _problem("No admin token"), "404": _problem("Unknown"),
+                          "422": _problem("Invalid"), "503": _problem("Store unreachable")},
+        }},
         "/v1/campaigns/{id}/top": {"get": {
             "summary": "The anomaly view: top addresses or devices by grants",
             "security": _BEARER,
@@ -130,5 +145,6 @@ def admin_document() -> dict[str, Any]:
                           "401": _problem("No admin token"), "404": _problem("Unknown")},
         }},
     }
-    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument]
+    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument,
+             Report]
     return _doc("flashclaim admin", paths, types)
