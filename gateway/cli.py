@@ -23,6 +23,7 @@ import msgspec
 from gateway.durable.verify import verify_command
 from gateway.embedded import EmbeddedRedis
 from gateway.identity import mint_token
+from gateway.report_cli import report
 from gateway.serve import Supervisor, gateway_roles, setup_logging, stop_timeout_s, writer_main
 from gateway.settings import Settings, load_settings
 
@@ -436,6 +437,7 @@ def campaign_restock(campaign_id: str, quantity: int) -> None:
 
 
 main.add_command(verify_command)
+main.add_command(report)
 
 if __name__ == "__main__":
     main()

@@ -95,12 +95,42 @@ class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_default
     eligibility: Eligibility = Eligibility()
     admission: Admission | None = None
     antibot: AntiBot | None = None
+    # the most face value the campaign may grant, minor units; stock is cut to fit it
+    budget_cap: Annotated[int, Meta(ge=1, le=10**15)] | None = None
 
 
 def face_value(spec: CampaignSpec) -> int:
     """What one grant costs the issuer, in minor units: the package's fixed-amount coupons
     (a percent_off coupon has no fixed face value and is not counted)."""
     return sum(c.value for c in spec.coupons if c.kind != "percent_off")
+
+
+def budget_units(spec: CampaignSpec) -> int | None:
+    """How many grants the budget cap pays for (every grant has the same face value, so
+    issued value + this grant's value <= cap is exactly units <= cap // face); None when
+    the campaign has no cap."""
+    if spec.budget_cap is None:
+        return None
+    return spec.budget_cap // face_value(spec)
+
+
+def effective_stock(spec: CampaignSpec) -> int:
+    """The units a campaign puts up: its stock, cut to what the budget cap pays for."""
+    units = budget_units(spec)
+    return spec.stock if units is None else min(spec.stock, units)
+
+
+def validity_template(spec: CampaignSpec) -> str:
+    """Each coupon's validity for lua/claim.lua to stamp on the claim event, in package
+    order: `from/until` in ms, `@` standing for the grant time and `+N` for N ms after it."""
+    parts = []
+    for c in spec.coupons:
+        if c.valid_days is not None:
+            parts.append(f"@/+{c.valid_days * 86_400_000}")
+        else:
+            assert c.valid_from is not None and c.valid_until is not None
+            parts.append(f"{to_ms(c.valid_from)}/{to_ms(c.valid_until)}")
+    return ",".join(parts)
 
 
 def _aware(field: str, value: dt.datetime) -> None:
@@ -130,6 +160,11 @@ def validate_spec(spec: CampaignSpec) -> CampaignSpec:
             _aware(f"{at}.valid_until", c.valid_until)
             if c.valid_until <= c.valid_from:
                 raise SpecError(f"{at}.valid_until", "Expected `valid_until` after `valid_from`")
+    if spec.budget_cap is not None:
+        if face_value(spec) == 0:
+            raise SpecError("budget_cap", "A budget cap needs a coupon with a fixed face value")
+        if spec.budget_cap < face_value(spec):
+            raise SpecError("budget_cap", "Expected at least one grant's face value")
     if spec.admission is not None and spec.admission.waiting_room and (
             spec.admission.admit_per_s is None):
         raise SpecError("admission.admit_per_s", "A waiting room needs `admit_per_s`")

@@ -15,7 +15,8 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      │    ├── LimitReached (409 limit_reached)
      │    ├── NotStarted (409 not_started)
      │    ├── Paused (409 paused)
-     │    └── AlreadyEnded (409 ended)    operator action on an ended campaign
+     │    ├── AlreadyEnded (409 ended)    operator action on an ended campaign
+     │    └── OverBudget (409 budget_cap) a restock past what the budget cap pays for
      ├── Gone (410)
      │    ├── SoldOut (410 sold_out)
      │    ├── Ended (410 ended)
@@ -108,6 +109,10 @@ class Paused(Conflict):
 
 class AlreadyEnded(Conflict):
     code, title = "ended", "Campaign has ended"
+
+
+class OverBudget(Conflict):
+    code, title = "budget_cap", "Over the campaign's budget cap"
 
 
 class Gone(Problem):

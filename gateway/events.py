@@ -21,7 +21,9 @@ EVENT_VERSION = 1
 
 class ClaimEvent(msgspec.Struct, frozen=True):
     """One grant, version 1. `granted_at` is Redis TIME in ms; `device` and `phone` are
-    keyed hashes; `n` is this user's n-th grant in the campaign."""
+    keyed hashes; `n` is this user's n-th grant in the campaign. Added within v1 (absent
+    from older entries, hence empty by default): `region` from the identity token, and
+    `validity`, each coupon's `from/until` in ms in package order, comma-separated."""
 
     v: int
     claim_id: str
@@ -34,6 +36,16 @@ class ClaimEvent(msgspec.Struct, frozen=True):
     phone: str = ""
     ip: str = ""
     channel: str = ""
+    region: str = ""
+    validity: str = ""
+
+    def coupon_validity(self) -> list[tuple[int, int]]:
+        """`validity` as (valid_from_ms, valid_until_ms) per coupon; empty for old events."""
+        out = []
+        for part in filter(None, self.validity.split(",")):
+            start, _, until = part.partition("/")
+            out.append((int(start), int(until)))
+        return out
 
 
 def decode_event(fields: dict[Any, Any]) -> ClaimEvent:

@@ -45,6 +45,9 @@ BUDGET_ISSUED = Gauge("flashclaim_budget_issued", "Face value put up (stock x th
                       multiprocess_mode="mostrecent")
 BUDGET_USED = Gauge("flashclaim_budget_used", "Face value granted so far, minor units",
                     ["campaign"], multiprocess_mode="mostrecent")
+BUDGET_CAP = Gauge("flashclaim_budget_cap", "The most face value a campaign may grant (its "
+                   "spec's budget_cap), minor units; absent when uncapped", ["campaign"],
+                   multiprocess_mode="mostrecent")
 WRITER_LAG = Gauge("flashclaim_writer_lag_seconds", "Grant-to-commit delay of the newest "
                    "claim the writer stored", ["campaign"], multiprocess_mode="mostrecent")
 ROOM_TICKETS = Gauge("flashclaim_waiting_room_tickets", "Users in a campaign's waiting room",

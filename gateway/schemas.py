@@ -8,7 +8,15 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.domain import Admission, CampaignSpec, CouponSpec, Eligibility, Grant, Limits
+from gateway.domain import (
+    Admission,
+    CampaignSpec,
+    CouponSpec,
+    Eligibility,
+    Grant,
+    Limits,
+    face_value,
+)
 
 
 class ClaimRequest(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -40,6 +48,22 @@ class ClaimList(Struct):
     claims: list[Grant]
 
 
+class Budget(Struct, omit_defaults=True):
+    """A campaign's face value in minor units: per grant, put up (stock x face), granted."""
+
+    face_value: int
+    issued: int
+    used: int
+    remaining: int
+    cap: int | None = None
+
+    @classmethod
+    def of(cls, spec: CampaignSpec, stock: int, claimed: int) -> Budget:
+        face = face_value(spec)
+        return cls(face, stock * face, claimed * face, (stock - claimed) * face,
+                   spec.budget_cap)
+
+
 class CampaignInfo(Struct, omit_defaults=True):
     """A campaign's spec with its live numbers."""
 
@@ -55,6 +79,7 @@ class CampaignInfo(Struct, omit_defaults=True):
     eligibility: Eligibility
     coupons: list[CouponSpec]
     admission: Admission | None = None
+    budget: Budget | None = None
 
 
 class CampaignList(Struct):

@@ -1,6 +1,7 @@
 -- claim(KEYS: meta, users, devices, phones, ips, grants, idem, idem_exp, events, subnets
 --       | ARGV: campaign_id, changes_channel, idem_ttl_ms, backlog_max,
---               then per claim: user, device_h, phone_h, ip, idem_key, channel, subnet)
+--               then per claim: user, device_h, phone_h, ip, idem_key, channel, subnet,
+--               region)
 -- Decides a whole batch of claims of one campaign atomically, on Redis TIME.
 -- returns {now_ms, remaining, version, code1, data1, code2, data2, ...}; codes are
 -- gateway.domain.Outcome: 1 granted ("seq:ms"), 2 replayed ("seq:ms"), 3 sold_out,
@@ -12,11 +13,13 @@
 -- The admission rate is a token bucket on Redis TIME (meta adm_rate per s, adm_burst),
 -- exact across every gateway; it is taken only by claims that pass the identity limits.
 -- Each grant adds one to meta.unwritten; lua/ack.lua takes it off when the writer acks.
+-- meta.validity (gateway.domain.validity_template) becomes the event's `validity`:
+-- `@` is the grant time, `+N` N ms after it.
 local meta, users, devices, phones, ips, grants, idem, idem_exp, events =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local subnets = KEYS[10]
 local cid, channel, idem_ttl, backlog_max = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local FIELDS, HEAD = 7, 4
+local FIELDS, HEAD = 8, 4
 local n = (#ARGV - HEAD) / FIELDS
 
 local t = redis.call('TIME')
@@ -24,7 +27,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local m = redis.call('HMGET', meta, 'status', 'starts', 'ends', 'per_user', 'per_device',
   'per_phone', 'per_ip', 'remaining', 'unwritten', 'version', 'adm_rate', 'adm_burst',
-  'adm_tokens', 'adm_ts', 'per_subnet')
+  'adm_tokens', 'adm_ts', 'per_subnet', 'validity')
 local out = {now, 0, tonumber(m[10]) or 0}
 
 local function all(code, data)
@@ -62,11 +65,18 @@ if rate > 0 then
   tokens = math.min(burst, (tonumber(m[13]) or burst) + math.max(0, now - last) * rate / 1000)
 end
 
+local vtpl = m[16] or ''
+local function validity(at)
+  local s = string.gsub(vtpl, '@', tostring(at))
+  return (string.gsub(s, '%+(%d+)', function(d) return string.format('%d', at + tonumber(d)) end))
+end
+
 local sold_out_now, granted = false, 0
 for i = 0, n - 1 do
   local b = HEAD + i * FIELDS
-  local user, dev, phone, ip, ikey, chan, net =
-    ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
+  local user, dev, phone, ip, ikey, chan, net, region =
+    ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7],
+    ARGV[b + 8]
   local ifield = user .. '\n' .. ikey
   local prior = false
   if ikey ~= '' then prior = redis.call('HGET', idem, ifield) end
@@ -108,7 +118,8 @@ for i = 0, n - 1 do
     end
     redis.call('XADD', events, '*', 'v', '1', 'claim_id', cid .. '.' .. seq,
       'campaign_id', cid, 'user_id', user, 'n', nth, 'seq', seq, 'granted_at', now,
-      'device', dev, 'phone', phone, 'ip', ip, 'channel', chan)
+      'device', dev, 'phone', phone, 'ip', ip, 'channel', chan, 'region', region,
+      'validity', validity(now))
     if remaining == 0 then sold_out_now = true end
     granted = granted + 1
     code = 1

@@ -1,5 +1,6 @@
 """An installed (non-editable) package finds its Lua scripts: the wheel carries `lua/` as
-`gateway/_lua`, and the settings fall back to it when there is no checkout beside it."""
+`gateway/_lua`, and the settings fall back to it when there is no checkout beside it. The
+operator page travels inside the package too."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def test_wheel_carries_lua(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for script in (ROOT / "lua").glob("*.lua"):
         assert f"gateway/_lua/{script.name}" in names
+    assert "gateway/static/admin.html" in names  # the operator page
 
 
 def test_installed_layout_finds_lua(tmp_path: Path) -> None:

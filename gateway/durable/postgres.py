@@ -11,7 +11,14 @@ from collections.abc import Sequence
 import asyncpg
 
 from gateway.domain import from_ms, to_ms
-from gateway.durable.store import AuditEntry, ClaimConflict, ClaimRow, StoredClaim, StoreUnavailable
+from gateway.durable.store import (
+    AuditEntry,
+    ClaimConflict,
+    ClaimRow,
+    StoredClaim,
+    StoreReport,
+    StoreUnavailable,
+)
 
 MIGRATIONS = [
     """
@@ -51,6 +58,7 @@ MIGRATIONS = [
     CREATE INDEX audit_log_target_at ON audit_log (target, at);
     CREATE INDEX audit_log_at ON audit_log (at);
     """,
+    "ALTER TABLE claims ADD COLUMN region text NOT NULL DEFAULT ''",
 ]
 
 INSERT_AUDIT = """
@@ -63,10 +71,10 @@ AUDIT_COLUMNS = "id, at, actor, action, target, before::text, after::text, reque
 
 INSERT = """
 INSERT INTO claims (claim_id, campaign_id, user_id, n, seq, granted_at, device, phone, ip,
-                    channel, codes, stream_id)
+                    channel, codes, stream_id, region)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],
                      $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::text[],
-                     $11::jsonb[], $12::text[])
+                     $11::jsonb[], $12::text[], $13::text[])
 ON CONFLICT (claim_id) DO NOTHING
 """
 
@@ -97,12 +105,12 @@ class PostgresStore:
                 await conn.execute("INSERT INTO schema_version VALUES ($1)", version)
 
     async def insert_claims(self, rows: Sequence[ClaimRow]) -> int:
-        cols: list[list[object]] = [[] for _ in range(12)]
+        cols: list[list[object]] = [[] for _ in range(13)]
         for r in rows:
             e = r.event
             for col, value in zip(cols, (
                 e.claim_id, e.campaign_id, e.user_id, e.n, e.seq, from_ms(e.granted_at),
-                e.device, e.phone, e.ip, e.channel, json.dumps(r.codes), r.stream_id,
+                e.device, e.phone, e.ip, e.channel, json.dumps(r.codes), r.stream_id, e.region,
             ), strict=True):
                 col.append(value)
         try:
@@ -161,6 +169,32 @@ class PostgresStore:
             "SELECT claim_id, user_id, seq, device, phone, ip FROM claims "
             "WHERE campaign_id = $1", campaign_id)
         return [StoredClaim(*r) for r in rows]
+    async def report(self, campaign_id: str, bucket_s: int) -> StoreReport:
+        try:
+            async with self._pool.acquire() as conn:
+                stored, first, last = await conn.fetchrow(
+                    "SELECT count(*), min(granted_at), max(granted_at) FROM claims "
+                    "WHERE campaign_id = $1", campaign_id)
+                buckets = await conn.fetch(
+                    "SELECT (floor(extract(epoch FROM granted_at) / $2) * $2)::bigint AS b, "
+                    "count(*) FROM claims WHERE campaign_id = $1 GROUP BY b ORDER BY b",
+                    campaign_id, bucket_s)
+                channels = await conn.fetch(
+                    "SELECT channel, count(*) FROM claims WHERE campaign_id = $1 "
+                    "GROUP BY channel", campaign_id)
+                regions = await conn.fetch(
+                    "SELECT region, count(*) FROM claims WHERE campaign_id = $1 "
+                    "GROUP BY region", campaign_id)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(repr(e)) from e
+        return StoreReport(
+            stored=int(stored),
+            first_ms=None if first is None else to_ms(first),
+            last_ms=None if last is None else to_ms(last),
+            buckets=[(int(r[0]), int(r[1])) for r in buckets],
+            by_channel={str(r[0]): int(r[1]) for r in channels},
+            by_region={str(r[0]): int(r[1]) for r in regions},
+        )
 
     async def close(self) -> None:
         await self._pool.close()

@@ -9,11 +9,19 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
 from gateway.domain import from_ms, to_ms
-from gateway.durable.store import AuditEntry, ClaimConflict, ClaimRow, StoredClaim, StoreUnavailable
+from gateway.durable.store import (
+    AuditEntry,
+    ClaimConflict,
+    ClaimRow,
+    StoredClaim,
+    StoreReport,
+    StoreUnavailable,
+)
 
 MIGRATIONS = [
     """
@@ -53,6 +61,7 @@ MIGRATIONS = [
     CREATE INDEX audit_log_target_at ON audit_log (target, at);
     CREATE INDEX audit_log_at ON audit_log (at);
     """,
+    "ALTER TABLE claims ADD COLUMN region TEXT NOT NULL DEFAULT ''",
 ]
 
 INSERT_AUDIT = """
@@ -64,8 +73,8 @@ AUDIT_COLUMNS = "id, at, actor, action, target, before, after, request_id"
 
 INSERT = """
 INSERT INTO claims (claim_id, campaign_id, user_id, n, seq, granted_at, device, phone, ip,
-                    channel, codes, stream_id)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    channel, codes, stream_id, region)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (claim_id) DO NOTHING
 """
 
@@ -73,7 +82,11 @@ ON CONFLICT (claim_id) DO NOTHING
 def _values(r: ClaimRow) -> tuple[object, ...]:
     e = r.event
     return (e.claim_id, e.campaign_id, e.user_id, e.n, e.seq, from_ms(e.granted_at).isoformat(),
-            e.device, e.phone, e.ip, e.channel, json.dumps(r.codes), r.stream_id)
+            e.device, e.phone, e.ip, e.channel, json.dumps(r.codes), r.stream_id, e.region)
+
+
+def _ms(iso: str | None) -> int | None:
+    return None if iso is None else to_ms(dt.datetime.fromisoformat(iso))
 
 
 class SQLiteStore:
@@ -168,6 +181,31 @@ class SQLiteStore:
             (campaign_id,),
         ) as cur:
             return [StoredClaim(*r) async for r in cur]
+    async def report(self, campaign_id: str, bucket_s: int) -> StoreReport:
+        async def rows(sql: str, *args: object) -> list[tuple[Any, ...]]:
+            async with self._db.execute(sql, (campaign_id, *args)) as cur:
+                return [tuple(r) async for r in cur]
+
+        try:
+            [(stored, first, last)] = await rows(
+                "SELECT count(*), min(granted_at), max(granted_at) FROM claims "
+                "WHERE campaign_id = ?")
+            buckets = await rows(
+                "SELECT CAST(strftime('%s', granted_at) AS INTEGER) / ?2 * ?2 AS b, count(*) "
+                "FROM claims WHERE campaign_id = ?1 GROUP BY b ORDER BY b", bucket_s)
+            channels = await rows("SELECT channel, count(*) FROM claims WHERE campaign_id = ? "
+                                  "GROUP BY channel")
+            regions = await rows("SELECT region, count(*) FROM claims WHERE campaign_id = ? "
+                                 "GROUP BY region")
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(str(e)) from e
+        return StoreReport(
+            stored=int(stored),
+            first_ms=_ms(first), last_ms=_ms(last),
+            buckets=[(int(b), int(n)) for b, n in buckets],
+            by_channel={str(k): int(n) for k, n in channels},
+            by_region={str(k): int(n) for k, n in regions},
+        )
 
     async def close(self) -> None:
         await self._db.close()

@@ -73,6 +73,15 @@ def decode_audit(fields: dict[Any, Any]) -> AuditEntry:
     if raw is None:
         raise msgspec.ValidationError("not an audit entry: no `entry` field")
     return _audit_decoder.decode(raw)
+class StoreReport(msgspec.Struct, frozen=True):
+    """What the store knows of a campaign's grants, for reports."""
+
+    stored: int
+    first_ms: int | None  # the first and the last grant's Redis TIME
+    last_ms: int | None
+    buckets: list[tuple[int, int]]  # (bucket start, unix s; grants in it), oldest first
+    by_channel: dict[str, int]
+    by_region: dict[str, int]
 
 
 class Store(Protocol):
@@ -97,6 +106,8 @@ class Store(Protocol):
     async def claim_ids(self, campaign_id: str) -> set[str]: ...
 
     async def claim_rows(self, campaign_id: str) -> list[StoredClaim]: ...
+    async def report(self, campaign_id: str, bucket_s: int) -> StoreReport:
+        """Grants per `bucket_s` seconds of granted_at, by channel and by region."""
 
     async def close(self) -> None: ...
 

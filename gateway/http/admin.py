@@ -12,7 +12,16 @@ import msgspec
 from aiohttp import web
 
 from gateway import errors
-from gateway.domain import Admission, CampaignSpec, SpecError, to_ms, validate_spec
+from gateway.domain import (
+    Admission,
+    CampaignSpec,
+    SpecError,
+    budget_units,
+    effective_stock,
+    to_ms,
+    validate_spec,
+    validity_template,
+)
 from gateway.http.adminauth import require_admin
 from gateway.http.audit import campaign_target, record
 from gateway.http.body import decode, read_capped
@@ -20,6 +29,7 @@ from gateway.http.context import Gateway
 from gateway.redis.campaigns import CampaignState, parse_meta
 from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.schemas import (
+    Budget,
     CampaignInfo,
     CampaignList,
     admission_decoder,
@@ -38,6 +48,7 @@ def info(state: CampaignState) -> CampaignInfo:
         remaining=max(state.remaining, 0), claimed=state.claimed,
         starts_at=s.starts_at, ends_at=s.ends_at, limits=s.limits,
         eligibility=s.eligibility, coupons=s.coupons, admission=s.admission,
+        budget=Budget.of(s, state.total, state.claimed),
     )
 
 
@@ -74,12 +85,13 @@ def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
         "per_phone": lim.per_phone or 0,
         "per_ip": lim.per_ip or 0,
         "per_subnet": lim.per_subnet or 0,
-        "remaining": spec.stock,
-        "total": spec.stock,
+        "remaining": effective_stock(spec),
+        "total": effective_stock(spec),
         "created": int(time.time() * 1000),
         "adm_rate": repr(rate),
         "adm_burst": burst,
         "spec": encoder.encode(spec).decode(),
+        "validity": validity_template(spec),
     }
 
 
@@ -146,10 +158,15 @@ async def restock(request: web.Request) -> web.Response:
     gw = require_admin(request)
     cid = request.match_info["id"]
     req = decode(restock_decoder, await read_capped(request, 4096))
-    before = info(await fresh_state(gw, cid))
-    result = await gw.scripts.restock(cid, req.quantity)
+    state = await fresh_state(gw, cid)
+    before = info(state)
+    units = budget_units(state.spec)
+    result = await gw.scripts.restock(cid, req.quantity, units or 0)
     if result[0] == 0:
         raise errors.NotFound(f"No campaign {cid!r}")
+    if result[0] == -2:
+        raise errors.OverBudget(f"The budget cap of {cid} pays for {units} units; "
+                                f"{result[1]} are put up already")
     if result[0] < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be restocked")
     after = info(await fresh_state(gw, cid))

@@ -205,7 +205,8 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
         ikey = admitted
     # test-only fault point: the script never sees the device, so its limit goes unchecked
     dev = "" if gw.settings.fault == "skip_device_limit" else who.device_h
-    claim = (who.user_id, dev, who.phone_h, ip, ikey, req.channel or "", subnet(ip))
+    claim = (who.user_id, dev, who.phone_h, ip, ikey, req.channel or "", subnet(ip),
+             who.region)
     # Repeat clicks in flight share one Redis decision where a second claim could not be
     # granted anyway; a follower hears what Redis would have told it: the same grant for
     # the same Idempotency-Key, else limit_reached naming the grant.

@@ -10,6 +10,7 @@ import msgspec
 
 from gateway import __version__
 from gateway.domain import Admission, CampaignSpec, Grant
+from gateway.reports import Report
 from gateway.schemas import (
     BlockEntry,
     BlockList,
@@ -152,6 +153,20 @@ def admin_document() -> dict[str, Any]:
         "/v1/campaigns/{id}/restock": {"post": op("Add stock", CampaignInfo, body=RestockRequest)},
         "/v1/campaigns/{id}/admission": {"put": op("Change the admission rate live",
                                                    CampaignInfo, body=Admission)},
+        "/v1/campaigns/{id}/report": {"get": {
+            "summary": "Issued, claimed, claim rate, rejections, channels, regions, time to "
+                       "sell out, budget; `format=csv` for a section,key,value CSV",
+            "security": _BEARER,
+            "parameters": [*_ID,
+                           {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}},
+                           {"name": "bucket_s", "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 86400}}],
+            "responses": {"200": {"description": "the report",
+                                  "content": {"application/json": {"schema": _ref(Report)},
+                                              "text/csv": {"schema": {"type": "string"}}}},
+                          "401": _problem("No admin token"), "404": _problem("Unknown"),
+                          "422": _problem("Invalid"), "503": _problem("Store unreachable")},
+        }},
         "/v1/campaigns/{id}/top": {"get": {
             "summary": "The anomaly view: top addresses, devices or networks by grants",
             "security": _BEARER,
@@ -165,5 +180,6 @@ def admin_document() -> dict[str, Any]:
         "/v1/blocks/{kind}": _block_operations(),
     }
     types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument,
-             BlockRequest, BlockEntry, BlockList]
+             BlockRequest, BlockEntry, BlockList,
+             Report]
     return _doc("flashclaim admin", paths, types)

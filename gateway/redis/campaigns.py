@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from gateway.domain import CampaignSpec, face_value
 from gateway.metrics import (
+    BUDGET_CAP,
     BUDGET_ISSUED,
     BUDGET_USED,
     STOCK_ISSUED,
@@ -157,6 +158,8 @@ class CampaignViews:
                 face = face_value(state.spec)
                 BUDGET_ISSUED.labels(cid).set(state.total * face)
                 BUDGET_USED.labels(cid).set(state.claimed * face)
+                if state.spec.budget_cap is not None:
+                    BUDGET_CAP.labels(cid).set(state.spec.budget_cap)
 
     async def _on_message(self, data: str) -> None:
         kind, _, rest = data.partition(" ")

@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 
 from gateway.redis.keys import CHANGES, CampaignKeys
 
-# user, device_h, phone_h, ip, idem_key, channel, subnet
-ClaimArgs = tuple[str, str, str, str, str, str, str]
+# user, device_h, phone_h, ip, idem_key, channel, subnet, region
+ClaimArgs = tuple[str, str, str, str, str, str, str, str]
 
 
 class Scripts:
@@ -59,9 +59,9 @@ class Scripts:
         keys = [CampaignKeys.of(campaign_id).meta]
         return int(await self._set_status(keys=keys, args=[CHANGES, campaign_id, status]))
 
-    async def restock(self, campaign_id: str, quantity: int) -> list[int]:
+    async def restock(self, campaign_id: str, quantity: int, max_total: int = 0) -> list[int]:
         keys = [CampaignKeys.of(campaign_id).meta]
-        result = await self._restock(keys=keys, args=[CHANGES, campaign_id, quantity])
+        result = await self._restock(keys=keys, args=[CHANGES, campaign_id, quantity, max_total])
         return [int(x) for x in result]
 
     async def set_admission(
