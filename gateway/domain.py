@@ -10,7 +10,7 @@ import math
 import re
 import secrets
 from enum import IntEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -123,6 +123,37 @@ def validate_spec(spec: CampaignSpec) -> CampaignSpec:
     if spec.id is None:
         spec = msgspec.structs.replace(spec, id=f"c-{secrets.token_hex(6)}")
     return spec
+
+
+# ---- live changes -------------------------------------------------------------------------
+
+LIVE_FIELDS = ("limits", "eligibility", "admission")  # what may change during a campaign
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch: objects merge key by key, `null` removes, the rest
+    replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def patched_spec(spec: CampaignSpec, patch: dict[str, Any]) -> CampaignSpec:
+    """`spec` with a merge patch of its live fields applied and validated like a new spec.
+    Raises SpecError (a field that cannot change live, or a bad combination) or
+    msgspec.ValidationError (a field of the wrong shape)."""
+    for key in patch:
+        if key not in LIVE_FIELDS:
+            raise SpecError(key, f"`{key}` cannot change during a campaign; only "
+                            + ", ".join(f"`{f}`" for f in LIVE_FIELDS) + " can")
+    merged = merge_patch(msgspec.to_builtins(spec), patch)
+    return validate_spec(msgspec.convert(merged, CampaignSpec))
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
@@ -57,6 +57,34 @@ class CampaignInfo(Struct, omit_defaults=True):
     admission: Admission | None = None
 
 
+class LiveFields(Struct, omit_defaults=True):
+    """The parts of a campaign that may change while it runs."""
+
+    limits: Limits
+    eligibility: Eligibility
+    admission: Admission | None = None
+
+
+class CampaignPatch(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """`PATCH /v1/campaigns/{id}`, a JSON merge patch (RFC 7396): the fields given replace
+    or merge into the running spec, `null` removes an optional one, the rest stays."""
+
+    limits: Limits | None = None
+    eligibility: Eligibility | None = None
+    admission: Admission | None = None
+
+
+class LiveChange(Struct):
+    """What a live change did: the fields before and after, the campaign's new meta
+    version, and `seq`, the number of grants decided before the change took effect."""
+
+    campaign_id: str
+    version: int
+    seq: int
+    before: LiveFields
+    after: LiveFields
+
+
 class CampaignList(Struct):
     campaigns: list[CampaignInfo]
 
@@ -70,3 +98,4 @@ claim_request_decoder = msgspec.json.Decoder(ClaimRequest)
 restock_decoder = msgspec.json.Decoder(RestockRequest)
 admission_decoder = msgspec.json.Decoder(Admission)
 spec_decoder = msgspec.json.Decoder(CampaignSpec)
+patch_decoder = msgspec.json.Decoder(dict[str, Any])

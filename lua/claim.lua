@@ -89,9 +89,10 @@ for i = 0, n - 1 do
     local seq = redis.call('HINCRBY', meta, 'seq', 1)
     data = seq .. ':' .. now
     local nth = redis.call('HINCRBY', users, user, 1)
-    -- devices and addresses are always counted: the operators' anomaly view reads them
+    -- every identity is counted, limited or not: the operators' anomaly view reads them,
+    -- and a limit turned on live (PATCH) counts the grants made before it
     if dev ~= '' then redis.call('HINCRBY', devices, dev, 1) end
-    if per_phone > 0 and phone ~= '' then redis.call('HINCRBY', phones, phone, 1) end
+    if phone ~= '' then redis.call('HINCRBY', phones, phone, 1) end
     if ip ~= '' then redis.call('HINCRBY', ips, ip, 1) end
     local prev = redis.call('HGET', grants, user)
     redis.call('HSET', grants, user, prev and (prev .. ',' .. data) or data)

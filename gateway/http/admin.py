@@ -1,27 +1,40 @@
-"""Operator endpoints behind the admin bearer token: create, list, show, pause, resume, end
-and restock campaigns. Every change goes through a Lua script and is published to workers."""
+"""Operator endpoints behind the admin bearer token: create, list, show, pause, resume, end,
+restock, and live changes of limits, eligibility and admission. Every change goes through a
+Lua script and is published to workers."""
 
 from __future__ import annotations
 
 import heapq
 import hmac
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from gateway import errors
-from gateway.domain import Admission, CampaignSpec, SpecError, to_ms, validate_spec
+from gateway.domain import (
+    Admission,
+    CampaignSpec,
+    SpecError,
+    patched_spec,
+    to_ms,
+    validate_spec,
+)
 from gateway.http.body import decode, read_capped
 from gateway.http.context import GATEWAY, Gateway
+from gateway.http.problems import decode_error
 from gateway.redis.campaigns import CampaignState, parse_meta
 from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.schemas import (
     CampaignInfo,
     CampaignList,
+    LiveChange,
+    LiveFields,
     admission_decoder,
     encoder,
+    patch_decoder,
     restock_decoder,
     spec_decoder,
 )
@@ -74,22 +87,29 @@ def script_bucket(spec: CampaignSpec) -> tuple[float, int]:
     return rate, burst
 
 
-def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
+def live_meta(spec: CampaignSpec) -> dict[str, str | int]:
+    """The meta fields lua/claim.lua reads for what may change live: limits, admission."""
     lim = spec.limits
     rate, burst = script_bucket(spec)
     return {
-        "status": "live",
-        "starts": to_ms(spec.starts_at),
-        "ends": to_ms(spec.ends_at),
         "per_user": lim.per_user,
         "per_device": lim.per_device or 0,
         "per_phone": lim.per_phone or 0,
         "per_ip": lim.per_ip or 0,
+        "adm_rate": repr(rate),
+        "adm_burst": burst,
+    }
+
+
+def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
+    return {
+        "status": "live",
+        "starts": to_ms(spec.starts_at),
+        "ends": to_ms(spec.ends_at),
+        **live_meta(spec),
         "remaining": spec.stock,
         "total": spec.stock,
         "created": int(time.time() * 1000),
-        "adm_rate": repr(rate),
-        "adm_burst": burst,
         "spec": encoder.encode(spec).decode(),
     }
 
@@ -161,24 +181,58 @@ async def restock(request: web.Request) -> web.Response:
     return json_response(info(await fresh_state(gw, cid)))
 
 
+def live_fields(spec: CampaignSpec) -> LiveFields:
+    return LiveFields(spec.limits, spec.eligibility, spec.admission)
+
+
+async def change_live(
+    gw: Gateway, cid: str, change: Callable[[CampaignSpec], CampaignSpec]
+) -> LiveChange:
+    """Apply `change` to a running campaign's spec: validated like a new spec, written with
+    the meta fields the claim script reads in one script call (so the next claim decided
+    sees it), published so every worker reloads its view. A concurrent operator change
+    makes it start over from the newer spec rather than undo that change."""
+    for _ in range(5):
+        state = await fresh_state(gw, cid)
+        try:
+            spec = change(state.spec)
+        except SpecError as e:
+            raise errors.Unprocessable(str(e), field=f"$.{e.field}") from None
+        except msgspec.ValidationError as e:
+            raise decode_error(e) from None
+        result = await gw.scripts.update(
+            cid, encoder.encode(spec).decode(), live_meta(spec), state.version)
+        if result[0] == 0:
+            raise errors.NotFound(f"No campaign {cid!r}")
+        if result[0] == -1:
+            raise errors.AlreadyEnded(f"Campaign {cid} has ended")
+        if result[0] == 1:
+            await fresh_state(gw, cid)
+            return LiveChange(cid, result[1], result[2], live_fields(state.spec),
+                              live_fields(spec))
+    raise errors.Conflict(f"Campaign {cid} is changing too often; retry")
+
+
 async def set_admission(request: web.Request) -> web.Response:
     """Change a live campaign's admission rate; every gateway applies it at once (it lives
-    in Redis) and the workers' views follow through pub/sub."""
+    in Redis) and the workers' views follow through pub/sub. The LiveChange names the
+    admission before and after."""
     gw = require_admin(request)
     cid = request.match_info["id"]
     admission = decode(admission_decoder, await read_capped(request, 4096))
-    state = await fresh_state(gw, cid)
-    try:
-        spec = validate_spec(msgspec.structs.replace(state.spec, admission=admission))
-    except SpecError as e:
-        raise errors.Unprocessable(str(e), field=f"$.{e.field}") from None
-    rate, burst = script_bucket(spec)
-    result = await gw.scripts.set_admission(cid, rate, burst, encoder.encode(spec).decode())
-    if result == 0:
-        raise errors.NotFound(f"No campaign {cid!r}")
-    if result < 0:
-        raise errors.AlreadyEnded(f"Campaign {cid} has ended")
+    await change_live(
+        gw, cid, lambda s: validate_spec(msgspec.structs.replace(s, admission=admission)))
     return json_response(info(await fresh_state(gw, cid)))
+
+
+async def patch_campaign(request: web.Request) -> web.Response:
+    """`PATCH /v1/campaigns/{id}`: a JSON merge patch (RFC 7396) of `limits`, `eligibility`
+    and `admission`, applied live; answers the LiveChange (before and after)."""
+    gw = require_admin(request)
+    cid = request.match_info["id"]
+    patch = decode(patch_decoder, await read_capped(request, 64 * 1024))
+    change = await change_live(gw, cid, lambda s: patched_spec(s, patch))
+    return json_response(change)
 
 
 TOP_BY = {"ip": "ips", "device": "devices"}
@@ -212,5 +266,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/campaigns/{id}/resume", resume)
     r.add_post("/v1/campaigns/{id}/end", end)
     r.add_post("/v1/campaigns/{id}/restock", restock)
+    r.add_patch("/v1/campaigns/{id}", patch_campaign)
     r.add_put("/v1/campaigns/{id}/admission", set_admission)
     r.add_get("/v1/campaigns/{id}/top", top_claimants)

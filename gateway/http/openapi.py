@@ -13,9 +13,11 @@ from gateway.domain import Admission, CampaignSpec, Grant
 from gateway.schemas import (
     CampaignInfo,
     CampaignList,
+    CampaignPatch,
     ClaimList,
     ClaimRequest,
     Health,
+    LiveChange,
     ProblemDocument,
     RestockRequest,
 )
@@ -113,7 +115,11 @@ def admin_document() -> dict[str, Any]:
             "post": op("Create a campaign", CampaignInfo, "201", CampaignSpec, params=False),
             "get": op("List campaigns", CampaignList, params=False),
         },
-        "/v1/campaigns/{id}": {"get": op("A campaign with live numbers", CampaignInfo)},
+        "/v1/campaigns/{id}": {
+            "get": op("A campaign with live numbers", CampaignInfo),
+            "patch": op("Change limits, eligibility or admission live (JSON merge patch)",
+                        LiveChange, body=CampaignPatch),
+        },
         "/v1/campaigns/{id}/pause": {"post": op("Pause", CampaignInfo)},
         "/v1/campaigns/{id}/resume": {"post": op("Resume", CampaignInfo)},
         "/v1/campaigns/{id}/end": {"post": op("End for good", CampaignInfo)},
@@ -130,5 +136,6 @@ def admin_document() -> dict[str, Any]:
                           "401": _problem("No admin token"), "404": _problem("Unknown")},
         }},
     }
-    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument]
+    types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument,
+             CampaignPatch, LiveChange]
     return _doc("flashclaim admin", paths, types)
