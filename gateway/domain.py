@@ -10,7 +10,7 @@ import math
 import re
 import secrets
 from enum import IntEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from msgspec import Meta, Struct
@@ -36,6 +36,32 @@ class Limits(Struct, frozen=True, forbid_unknown_fields=True):
     per_device: PositiveCount | None = None
     per_phone: PositiveCount | None = None
     per_ip: PositiveCount | None = None
+    per_user_per_round: PositiveCount | None = None  # campaigns with `rounds` only
+
+
+PERIODS = {"hourly": 3600, "daily": 86_400, "weekly": 7 * 86_400}
+Seconds = Annotated[int, Meta(ge=1, le=366 * 86_400)]
+
+
+class Rounds(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Rolling drops: `count` rounds of `stock` units, one every `every` seconds (or a
+    period) from `starts_at`. A round stays open until the next drop, or `open_s` seconds
+    after its own; `carry_over` adds a round's leftover to the next one, else it lapses."""
+
+    every: Seconds | Literal["hourly", "daily", "weekly"]
+    count: Annotated[int, Meta(ge=1, le=10_000)]
+    stock: Annotated[int, Meta(ge=1, le=MAX_STOCK)]
+    carry_over: bool = False
+    open_s: Seconds | None = None
+
+    @property
+    def every_ms(self) -> int:
+        return 1000 * (PERIODS[self.every] if isinstance(self.every, str) else self.every)
+
+    @property
+    def open_ms(self) -> int:
+        """How long a round stays open; 0: until the next drop."""
+        return 0 if self.open_s is None else self.open_s * 1000
 
 
 class Eligibility(Struct, frozen=True, forbid_unknown_fields=True):
@@ -82,6 +108,7 @@ class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_default
     limits: Limits = Limits()
     eligibility: Eligibility = Eligibility()
     admission: Admission | None = None
+    rounds: Rounds | None = None
 
 
 def face_value(spec: CampaignSpec) -> int:
@@ -120,9 +147,59 @@ def validate_spec(spec: CampaignSpec) -> CampaignSpec:
     if spec.admission is not None and spec.admission.waiting_room and (
             spec.admission.admit_per_s is None):
         raise SpecError("admission.admit_per_s", "A waiting room needs `admit_per_s`")
+    _check_rounds(spec)
     if spec.id is None:
         spec = msgspec.structs.replace(spec, id=f"c-{secrets.token_hex(6)}")
     return spec
+
+
+def _check_rounds(spec: CampaignSpec) -> None:
+    r = spec.rounds
+    if r is None:
+        if spec.limits.per_user_per_round is not None:
+            raise SpecError("limits.per_user_per_round", "Only a campaign with `rounds` has it")
+        return
+    if spec.stock != r.count * r.stock:
+        raise SpecError("stock", f"Expected `stock` = rounds.count * rounds.stock = "
+                        f"{r.count * r.stock}")
+    last_drop = spec.starts_at + dt.timedelta(milliseconds=(r.count - 1) * r.every_ms)
+    if last_drop >= spec.ends_at:
+        raise SpecError("rounds.count", f"The last drop ({last_drop.isoformat()}) is not "
+                        "before `ends_at`")
+    if r.open_ms > r.every_ms:
+        raise SpecError("rounds.open_s", "Expected `open_s` no longer than `every`")
+    if spec.admission is not None and spec.admission.waiting_room:
+        raise SpecError("admission.waiting_room", "A campaign with `rounds` has no waiting room")
+
+
+class RoundPosition(NamedTuple):
+    """Where Redis's clock stands in a campaign's rounds (see lua/claim.lua, which decides
+    the same on Redis TIME)."""
+
+    idx: int  # the current round, 0-based (the last one after the last drop)
+    opens_ms: int  # its drop
+    next_ms: int | None  # the next drop; None after the last
+    open: bool  # inside the round's open window
+
+
+def round_at(rounds: Rounds, starts_ms: int, now_ms: int) -> RoundPosition:
+    every = rounds.every_ms
+    index = min(max(0, (now_ms - starts_ms) // every), rounds.count - 1)
+    opens = starts_ms + index * every
+    nxt = opens + every if index < rounds.count - 1 else None
+    is_open = now_ms >= opens and (rounds.open_ms == 0 or now_ms < opens + rounds.open_ms)
+    return RoundPosition(index, opens, nxt, is_open)
+
+
+def round_left(rounds: Rounds, index: int, left: int, now_index: int) -> int:
+    """Units of round `now_index`, when round `index` was left with `left`: with carry-over
+    every round in between adds its stock to the leftover, else the newest round starts
+    afresh (the same roll-forward lua/claim.lua does)."""
+    if now_index <= index:
+        return left
+    if rounds.carry_over:
+        return left + (now_index - index) * rounds.stock
+    return rounds.stock
 
 
 # ---- live changes -------------------------------------------------------------------------
@@ -185,6 +262,7 @@ class Outcome(IntEnum):
     UNKNOWN = 11
     BACKLOG = 12  # the durable store is too far behind: shed
     ADMISSION = 13  # over the campaign's admission rate
+    LIMIT_USER_PER_ROUND = 14  # the user's limit in this round (rounds campaigns)
 
 
 LIMIT_KIND = {
@@ -192,6 +270,7 @@ LIMIT_KIND = {
     Outcome.LIMIT_DEVICE: "device",
     Outcome.LIMIT_PHONE: "phone",
     Outcome.LIMIT_IP: "ip",
+    Outcome.LIMIT_USER_PER_ROUND: "user_per_round",
 }
 
 

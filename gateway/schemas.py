@@ -8,7 +8,15 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.domain import Admission, CampaignSpec, CouponSpec, Eligibility, Grant, Limits
+from gateway.domain import (
+    Admission,
+    CampaignSpec,
+    CouponSpec,
+    Eligibility,
+    Grant,
+    Limits,
+    Rounds,
+)
 
 
 class ClaimRequest(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -34,10 +42,20 @@ class ProblemDocument(Struct, omit_defaults=True):
     limit: str | None = None  # limit_reached: user | device | phone | ip
     field: str | None = None  # invalid: where in the body
     retry_after_s: int | None = None
+    next_round_at: dt.datetime | None = None  # rounds: when the next drop comes
 
 
 class ClaimList(Struct):
     claims: list[Grant]
+
+
+class RoundInfo(Struct):
+    """The current round of a campaign with rounds, on Redis's clock."""
+
+    index: int  # 0-based
+    remaining: int  # units left in this round
+    opened_at: dt.datetime
+    next_at: dt.datetime | None  # the next drop; null after the last
 
 
 class CampaignInfo(Struct, omit_defaults=True):
@@ -55,6 +73,8 @@ class CampaignInfo(Struct, omit_defaults=True):
     eligibility: Eligibility
     coupons: list[CouponSpec]
     admission: Admission | None = None
+    rounds: Rounds | None = None
+    round: RoundInfo | None = None
 
 
 class LiveFields(Struct, omit_defaults=True):

@@ -1,4 +1,4 @@
--- claim(KEYS: meta, users, devices, phones, ips, grants, idem, idem_exp, events
+-- claim(KEYS: meta, users, devices, phones, ips, grants, idem, idem_exp, events, round_users
 --       | ARGV: campaign_id, changes_channel, idem_ttl_ms, backlog_max,
 --               then per claim: user, device_h, phone_h, ip, idem_key, channel)
 -- Decides a whole batch of claims of one campaign atomically, on Redis TIME.
@@ -6,12 +6,18 @@
 -- gateway.domain.Outcome: 1 granted ("seq:ms"), 2 replayed ("seq:ms"), 3 sold_out,
 -- 4..7 limit user/device/phone/ip (the user's grants "seq:ms,..."), 8 not_started (starts ms),
 -- 9 ended, 10 paused, 11 unknown campaign, 12 backlog (the store is behind: shed with 503),
--- 13 admission (over the campaign's admission rate: ms until the next token).
+-- 13 admission (over the campaign's admission rate: ms until the next token),
+-- 14 limit_user_per_round (the user's grants).
 -- The admission rate is a token bucket on Redis TIME (meta adm_rate per s, adm_burst),
 -- exact across every gateway; it is taken only by claims that pass the identity limits.
 -- Each grant adds one to meta.unwritten; lua/ack.lua takes it off when the writer acks.
-local meta, users, devices, phones, ips, grants, idem, idem_exp, events =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+-- Rounds (meta r_count set, see the block below): the round is decided here on Redis TIME;
+-- `remaining` stays campaign-wide (this round's units plus later rounds'), while stock is
+-- taken from the round's r_left. Between rounds (r_open) not_started carries the next drop
+-- in data; a sold-out round answers sold_out with a positive remaining in the header and
+-- publishes "roundout <id> <round>"; "soldout <id>" means the whole campaign.
+local meta, users, devices, phones, ips, grants, idem, idem_exp, events, round_users =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local cid, channel, idem_ttl, backlog_max = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local FIELDS, HEAD = 6, 4
 local n = (#ARGV - HEAD) / FIELDS
@@ -46,6 +52,43 @@ end
 local per_user = tonumber(m[4])
 local per_device, per_phone, per_ip = tonumber(m[5]), tonumber(m[6]), tonumber(m[7])
 
+-- ---- rounds: rolling drops (gateway.domain.Rounds, round_at, round_left) -------------------
+-- r_idx/r_left are the round the meta last saw and its units left; a later round rolls
+-- forward lazily here: with carry-over the leftover (and any skipped round) adds to it,
+-- else it starts afresh and the lapsed units leave `remaining` (counted in `forfeited`).
+local rounds = false
+local round, r_left, r_rolled, next_drop, per_round = 0, 0, false, '', 0
+local r = redis.call('HMGET', meta, 'r_count', 'r_every', 'r_stock', 'r_carry', 'r_open',
+  'r_idx', 'r_left', 'per_user_round')
+local r_count = tonumber(r[1]) or 0
+if r_count > 0 then
+  rounds = true
+  local every, r_stock, starts = tonumber(r[2]), tonumber(r[3]), tonumber(m[2])
+  round = math.max(0, math.min(math.floor((now - starts) / every), r_count - 1))
+  local idx = tonumber(r[6])
+  r_left = tonumber(r[7])
+  per_round = tonumber(r[8]) or 0
+  if round > idx then
+    r_rolled = true
+    if r[4] == '1' then
+      r_left = r_left + (round - idx) * r_stock
+    else
+      local lapsed = math.min(remaining, r_left + (round - idx - 1) * r_stock)
+      remaining = remaining - lapsed
+      redis.call('HINCRBY', meta, 'forfeited', lapsed)
+      r_left = r_stock
+    end
+    r_left = math.min(r_left, remaining)
+  end
+  local opens = starts + round * every
+  if round < r_count - 1 then next_drop = tostring(opens + every) end
+  local open_ms = tonumber(r[5]) or 0
+  if wide == 0 and open_ms > 0 and now >= opens + open_ms then
+    if next_drop ~= '' then wide, wide_data = 8, next_drop else wide = 9 end
+  end
+end
+-- ---- end rounds ----------------------------------------------------------------------------
+
 local function over(key, field, limit)
   return limit > 0 and field ~= '' and (tonumber(redis.call('HGET', key, field)) or 0) >= limit
 end
@@ -79,7 +122,9 @@ for i = 0, n - 1 do
     code = 6
   elseif over(ips, ip, per_ip) then
     code = 7
-  elseif remaining <= 0 then
+  elseif rounds and over(round_users, round .. ':' .. user, per_round) then
+    code = 14
+  elseif remaining <= 0 or (rounds and r_left <= 0) then
     code = 3
   elseif rate > 0 and tokens < 1 then
     code, data = 13, tostring(math.ceil((1 - tokens) * 1000 / rate))
@@ -100,14 +145,23 @@ for i = 0, n - 1 do
       redis.call('HSET', idem, ifield, data)
       redis.call('ZADD', idem_exp, now + idem_ttl, ifield)
     end
-    redis.call('XADD', events, '*', 'v', '1', 'claim_id', cid .. '.' .. seq,
+    local ev = {'v', '1', 'claim_id', cid .. '.' .. seq,
       'campaign_id', cid, 'user_id', user, 'n', nth, 'seq', seq, 'granted_at', now,
-      'device', dev, 'phone', phone, 'ip', ip, 'channel', chan)
+      'device', dev, 'phone', phone, 'ip', ip, 'channel', chan}
+    if rounds then
+      r_left = r_left - 1
+      redis.call('HINCRBY', round_users, round .. ':' .. user, 1)
+      ev[#ev + 1] = 'round'
+      ev[#ev + 1] = round
+    end
+    redis.call('XADD', events, '*', unpack(ev))
     if remaining == 0 then sold_out_now = true end
     granted = granted + 1
     code = 1
   end
-  if code >= 4 and code <= 7 then data = redis.call('HGET', grants, user) or '' end
+  if (code >= 4 and code <= 7) or code == 14 then
+    data = redis.call('HGET', grants, user) or ''
+  end
   out[#out + 1] = code
   out[#out + 1] = data
 end
@@ -117,6 +171,12 @@ if granted > 0 then redis.call('HINCRBY', meta, 'unwritten', granted) end
 if rate > 0 then redis.call('HSET', meta, 'adm_tokens', tostring(tokens), 'adm_ts', now) end
 out[2] = remaining
 if sold_out_now then redis.call('PUBLISH', channel, 'soldout ' .. cid) end
+if rounds and (r_rolled or granted > 0) then
+  redis.call('HSET', meta, 'r_idx', round, 'r_left', r_left)
+  if granted > 0 and r_left == 0 and remaining > 0 then
+    redis.call('PUBLISH', channel, 'roundout ' .. cid .. ' ' .. round)
+  end
+end
 
 -- forget a few expired idempotency keys per call
 local expired = redis.call('ZRANGEBYSCORE', idem_exp, '-inf', now, 'LIMIT', 0, 16)

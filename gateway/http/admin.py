@@ -18,7 +18,10 @@ from gateway.domain import (
     Admission,
     CampaignSpec,
     SpecError,
+    from_ms,
     patched_spec,
+    round_at,
+    round_left,
     to_ms,
     validate_spec,
 )
@@ -32,6 +35,7 @@ from gateway.schemas import (
     CampaignList,
     LiveChange,
     LiveFields,
+    RoundInfo,
     admission_decoder,
     encoder,
     patch_decoder,
@@ -56,14 +60,26 @@ def require_admin(request: web.Request) -> Gateway:
     return gw
 
 
-def info(state: CampaignState) -> CampaignInfo:
+def info(state: CampaignState, now_ms: int | None = None) -> CampaignInfo:
+    """The spec with live numbers; with Redis's clock (`now_ms`), the current round too."""
     s = state.spec
     return CampaignInfo(
         id=state.id, name=s.name, status=state.status, stock=state.total,
         remaining=max(state.remaining, 0), claimed=state.claimed,
         starts_at=s.starts_at, ends_at=s.ends_at, limits=s.limits,
         eligibility=s.eligibility, coupons=s.coupons, admission=s.admission,
+        rounds=s.rounds, round=None if now_ms is None else round_info(state, now_ms),
     )
+
+
+def round_info(state: CampaignState, now_ms: int) -> RoundInfo | None:
+    rounds = state.spec.rounds
+    if rounds is None:
+        return None
+    pos = round_at(rounds, state.starts_ms, now_ms)
+    left = round_left(rounds, state.round_idx, state.round_left, pos.idx)
+    return RoundInfo(pos.idx, max(0, min(left, state.remaining)), from_ms(pos.opens_ms),
+                     None if pos.next_ms is None else from_ms(pos.next_ms))
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -96,6 +112,7 @@ def live_meta(spec: CampaignSpec) -> dict[str, str | int]:
         "per_device": lim.per_device or 0,
         "per_phone": lim.per_phone or 0,
         "per_ip": lim.per_ip or 0,
+        "per_user_round": lim.per_user_per_round or 0,
         "adm_rate": repr(rate),
         "adm_burst": burst,
     }
@@ -107,11 +124,21 @@ def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
         "starts": to_ms(spec.starts_at),
         "ends": to_ms(spec.ends_at),
         **live_meta(spec),
+        **rounds_meta(spec),
         "remaining": spec.stock,
         "total": spec.stock,
         "created": int(time.time() * 1000),
         "spec": encoder.encode(spec).decode(),
     }
+
+
+def rounds_meta(spec: CampaignSpec) -> dict[str, str | int]:
+    """The rounds schedule lua/claim.lua reads; round 0 starts with its own stock."""
+    r = spec.rounds
+    if r is None:
+        return {}
+    return {"r_count": r.count, "r_every": r.every_ms, "r_stock": r.stock,
+            "r_carry": int(r.carry_over), "r_open": r.open_ms, "r_idx": 0, "r_left": r.stock}
 
 
 async def create_campaign(request: web.Request) -> web.Response:
@@ -127,7 +154,7 @@ async def create_campaign(request: web.Request) -> web.Response:
     await gw.client.sadd(CAMPAIGNS, spec.id)
     state = await gw.views.load(spec.id)
     assert state is not None
-    return json_response(info(state), 201)
+    return json_response(info(state, gw.views.redis_now_ms()), 201)
 
 
 async def list_campaigns(request: web.Request) -> web.Response:
@@ -137,13 +164,15 @@ async def list_campaigns(request: web.Request) -> web.Response:
         for cid in ids:
             pipe.hgetall(CampaignKeys.of(cid).meta)
         metas = await pipe.execute()
+    now = gw.views.redis_now_ms()
     states = [parse_meta(cid, m) for cid, m in zip(ids, metas, strict=True)]
-    return json_response(CampaignList([info(s) for s in states if s is not None]))
+    return json_response(CampaignList([info(s, now) for s in states if s is not None]))
 
 
 async def show_campaign(request: web.Request) -> web.Response:
     gw = require_admin(request)
-    return json_response(info(await fresh_state(gw, request.match_info["id"])))
+    state = await fresh_state(gw, request.match_info["id"])
+    return json_response(info(state, gw.views.redis_now_ms()))
 
 
 async def _set_status(request: web.Request, status: str) -> web.Response:
@@ -154,7 +183,7 @@ async def _set_status(request: web.Request, status: str) -> web.Response:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be {status} again")
-    return json_response(info(await fresh_state(gw, cid)))
+    return json_response(info(await fresh_state(gw, cid), gw.views.redis_now_ms()))
 
 
 async def pause(request: web.Request) -> web.Response:
@@ -178,7 +207,7 @@ async def restock(request: web.Request) -> web.Response:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result[0] < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be restocked")
-    return json_response(info(await fresh_state(gw, cid)))
+    return json_response(info(await fresh_state(gw, cid), gw.views.redis_now_ms()))
 
 
 def live_fields(spec: CampaignSpec) -> LiveFields:
@@ -222,7 +251,7 @@ async def set_admission(request: web.Request) -> web.Response:
     admission = decode(admission_decoder, await read_capped(request, 4096))
     await change_live(
         gw, cid, lambda s: validate_spec(msgspec.structs.replace(s, admission=admission)))
-    return json_response(info(await fresh_state(gw, cid)))
+    return json_response(info(await fresh_state(gw, cid), gw.views.redis_now_ms()))
 
 
 async def patch_campaign(request: web.Request) -> web.Response:

@@ -15,9 +15,12 @@ from gateway.domain import (
     Admission,
     CampaignSpec,
     Outcome,
+    Rounds,
     build_grant,
     claim_id,
+    from_ms,
     ineligibility,
+    round_at,
 )
 from gateway.errors import Problem
 from gateway.http import room
@@ -37,6 +40,11 @@ WINDOW_MARGIN_MS = 100
 _EMPTY = ClaimRequest()
 
 
+def next_drop(state: CampaignState, now_ms: int) -> int | None:
+    rounds = state.spec.rounds
+    return None if rounds is None else round_at(rounds, state.starts_ms, now_ms).next_ms
+
+
 def campaign_wide(state: CampaignState, now_ms: int | None) -> Problem | None:
     """The answer every caller would get right now, if there is one. (A waiting-room
     campaign takes callers into its queue before the start instead of `not_started`.)"""
@@ -50,7 +58,39 @@ def campaign_wide(state: CampaignState, now_ms: int | None) -> Problem | None:
         return errors.Paused(f"Campaign {cid} is paused", retry_after=5)
     if now_ms is not None and now_ms < state.starts_ms - WINDOW_MARGIN_MS and not uses_room(state):
         return not_started(cid, state.starts_ms, now_ms)
+    if state.spec.rounds is not None and now_ms is not None and now_ms >= state.starts_ms:
+        return between_rounds(state, state.spec.rounds, now_ms)
     return None
+
+
+def between_rounds(state: CampaignState, rounds: Rounds, now_ms: int) -> Problem | None:
+    """A rounds campaign's answer for everyone: the round's window has closed, or its stock
+    is gone (a later round still has stock, so never the campaign's `sold_out` flag) —
+    both with Retry-After to the next drop. Only away from a boundary; nearer, Redis
+    decides."""
+    pos = round_at(rounds, state.starts_ms, now_ms)
+    if pos.next_ms is not None and now_ms >= pos.next_ms - WINDOW_MARGIN_MS:
+        return None
+    closes = pos.opens_ms + rounds.open_ms
+    if rounds.open_ms and now_ms >= closes + WINDOW_MARGIN_MS:
+        if pos.next_ms is None:
+            return errors.Ended(f"The last round of campaign {state.id} has closed")
+        return next_round(state.id, pos.next_ms, now_ms)
+    if state.round_sold_out(pos.idx) and pos.next_ms is not None:
+        return round_sold_out(state.id, pos.idx, pos.next_ms, now_ms)
+    return None
+
+
+def next_round(cid: str, next_ms: int, now_ms: int) -> Problem:
+    return errors.NotStarted(
+        f"The next round of campaign {cid} starts in {(next_ms - now_ms) / 1000:.3f}s",
+        retry_after=(next_ms - now_ms) / 1000, next_round_at=from_ms(next_ms))
+
+
+def round_sold_out(cid: str, index: int, next_ms: int, now_ms: int) -> Problem:
+    return errors.SoldOut(
+        f"Round {index + 1} of campaign {cid} is sold out; the next round has stock",
+        retry_after=(next_ms - now_ms) / 1000, next_round_at=from_ms(next_ms))
 
 
 def not_started(cid: str, starts_ms: int, now_ms: int) -> Problem:
@@ -101,9 +141,24 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
             raise errors.LimitReached(
                 f"The {kind} limit of campaign {cid} is reached", claims=ids, limit=kind
             )
+        case Outcome.LIMIT_USER_PER_ROUND:
+            ids = [claim_id(cid, seq) for seq, _ in parse_records(v.data)]
+            nxt = next_drop(state, v.now_ms)
+            raise errors.LimitReached(
+                f"The per-round limit of campaign {cid} is reached in this round", claims=ids,
+                limit=LIMIT_KIND[v.outcome], next_round_at=None if nxt is None else from_ms(nxt),
+                retry_after=None if nxt is None else (nxt - v.now_ms) / 1000)
         case Outcome.SOLD_OUT:
+            rounds = state.spec.rounds
+            if rounds is not None and v.remaining > 0:  # this round only
+                pos = round_at(rounds, state.starts_ms, v.now_ms)
+                gw.views.observe_round_out(cid, pos.idx)
+                if pos.next_ms is not None:
+                    raise round_sold_out(cid, pos.idx, pos.next_ms, v.now_ms)
             raise errors.SoldOut(f"Campaign {cid} is sold out")
         case Outcome.NOT_STARTED:
+            if int(v.data) != state.starts_ms:  # the window between two rounds
+                raise next_round(cid, int(v.data), v.now_ms)
             raise not_started(cid, int(v.data), v.now_ms)
         case Outcome.ENDED:
             raise errors.Ended(f"Campaign {cid} has ended")
@@ -166,7 +221,7 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
     early = campaign_wide(state, gw.views.redis_now_ms())
     if early is not None:
         if isinstance(early, errors.NotStarted):
-            raise early
+            raise early  # its Retry-After and detail count down
         resp = shared_problem_response(early, cid)
         resp["code"] = early.code
         return resp

@@ -8,11 +8,12 @@ from typing import NamedTuple
 CAMPAIGNS = "fc:campaigns"  # set of campaign ids, for listing
 # pub/sub channel: "changed <id>" | "soldout <id>" | "status <id> <version> <status>"
 #                 | "restock <id> <version> <remaining> <total>"
+#                 | "roundout <id> <round>" (that round sold out; later rounds have stock)
 CHANGES = "fc:changes"
 
 
 class CampaignKeys(NamedTuple):
-    meta: str  # hash: status, window, limits, remaining, total, seq, version, spec
+    meta: str  # hash: status, window, limits, remaining, total, seq, version, spec, r_*
     users: str  # hash user -> grants
     devices: str  # hash device_h -> grants
     phones: str  # hash phone_h -> grants
@@ -23,6 +24,7 @@ class CampaignKeys(NamedTuple):
     events: str  # stream: the claim outbox
     dead: str  # stream: events the writer gave up on, with the reason
     room: str  # zset: the waiting room, user by queue score
+    round_users: str  # hash "round:user" -> grants in that round (rounds campaigns)
 
     @classmethod
     def of(cls, campaign_id: str) -> CampaignKeys:

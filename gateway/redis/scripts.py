@@ -42,7 +42,8 @@ class Scripts:
         for c in claims:
             args.extend(c)
         k = CampaignKeys.of(campaign_id)
-        keys = [k.meta, k.users, k.devices, k.phones, k.ips, k.grants, k.idem, k.idem_exp, k.events]
+        keys = [k.meta, k.users, k.devices, k.phones, k.ips, k.grants, k.idem, k.idem_exp, k.events,
+                k.round_users]
         result: list[Any] = await self._claim(keys=keys, args=args)
         return result
 
