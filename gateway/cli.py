@@ -20,6 +20,7 @@ from typing import Any
 import click
 import msgspec
 
+from gateway.cli_codes import codes
 from gateway.embedded import EmbeddedRedis
 from gateway.identity import mint_token
 from gateway.serve import Supervisor, gateway_roles, setup_logging, writer_main
@@ -367,6 +368,8 @@ def campaign_restock(campaign_id: str, quantity: int) -> None:
     """Add QUANTITY units to a campaign that has not ended."""
     _admin("POST", f"/v1/campaigns/{campaign_id}/restock", {"quantity": quantity})
 
+
+main.add_command(codes)
 
 if __name__ == "__main__":
     main()

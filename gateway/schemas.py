@@ -75,6 +75,7 @@ class CampaignInfo(Struct, omit_defaults=True):
     admission: Admission | None = None
     rounds: Rounds | None = None
     round: RoundInfo | None = None
+    redemption_codes: bool = False
 
 
 class LiveFields(Struct, omit_defaults=True):
@@ -105,6 +106,32 @@ class LiveChange(Struct):
     after: LiveFields
 
 
+class CodesRequest(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """`POST /v1/campaigns/{id}/codes`: generate `generate` new codes, or add the codes in
+    `import` (6-64 letters and digits; case, dashes and spaces do not count)."""
+
+    generate: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    import_: Annotated[list[Annotated[str, Meta(max_length=80)]],
+                       Meta(min_length=1, max_length=100_000)] | None = msgspec.field(
+        default=None, name="import")
+
+
+class CodesAdded(Struct, omit_defaults=True):
+    """What a batch added. `codes` (generated batches only) is shown this once: Redis keeps
+    only keyed hashes."""
+
+    campaign_id: str
+    added: int
+    duplicates: int  # already in the batch (or twice in this request)
+    available: int  # codes not yet used
+    codes: list[str] | None = None
+
+
+class CodesInfo(Struct):
+    campaign_id: str
+    available: int
+
+
 class CampaignList(Struct):
     campaigns: list[CampaignInfo]
 
@@ -119,3 +146,4 @@ restock_decoder = msgspec.json.Decoder(RestockRequest)
 admission_decoder = msgspec.json.Decoder(Admission)
 spec_decoder = msgspec.json.Decoder(CampaignSpec)
 patch_decoder = msgspec.json.Decoder(dict[str, Any])
+codes_decoder = msgspec.json.Decoder(CodesRequest)

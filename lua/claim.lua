@@ -1,13 +1,15 @@
--- claim(KEYS: meta, users, devices, phones, ips, grants, idem, idem_exp, events, round_users
+-- claim(KEYS: meta, users, devices, phones, ips, grants, idem, idem_exp, events, round_users,
+--             codes, code_misses
 --       | ARGV: campaign_id, changes_channel, idem_ttl_ms, backlog_max,
---               then per claim: user, device_h, phone_h, ip, idem_key, channel)
+--               then per claim: user, device_h, phone_h, ip, idem_key, channel, code_h)
 -- Decides a whole batch of claims of one campaign atomically, on Redis TIME.
 -- returns {now_ms, remaining, version, code1, data1, code2, data2, ...}; codes are
 -- gateway.domain.Outcome: 1 granted ("seq:ms"), 2 replayed ("seq:ms"), 3 sold_out,
 -- 4..7 limit user/device/phone/ip (the user's grants "seq:ms,..."), 8 not_started (starts ms),
 -- 9 ended, 10 paused, 11 unknown campaign, 12 backlog (the store is behind: shed with 503),
 -- 13 admission (over the campaign's admission rate: ms until the next token),
--- 14 limit_user_per_round (the user's grants).
+-- 14 limit_user_per_round (the user's grants), 15 bad_code (wrong guesses the user has left
+-- this minute), 16 code_attempts (ms until the user may guess again).
 -- The admission rate is a token bucket on Redis TIME (meta adm_rate per s, adm_burst),
 -- exact across every gateway; it is taken only by claims that pass the identity limits.
 -- Each grant adds one to meta.unwritten; lua/ack.lua takes it off when the writer acks.
@@ -16,10 +18,13 @@
 -- taken from the round's r_left. Between rounds (r_open) not_started carries the next drop
 -- in data; a sold-out round answers sold_out with a positive remaining in the header and
 -- publishes "roundout <id> <round>"; "soldout <id>" means the whole campaign.
+-- Redemption codes (meta code_miss_max set, see its block): a claim needs a code whose
+-- keyed hash is in the `codes` set; the hash leaves the set with the grant, never otherwise.
 local meta, users, devices, phones, ips, grants, idem, idem_exp, events, round_users =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local codes, code_misses = KEYS[11], KEYS[12]
 local cid, channel, idem_ttl, backlog_max = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local FIELDS, HEAD = 6, 4
+local FIELDS, HEAD = 7, 4
 local n = (#ARGV - HEAD) / FIELDS
 
 local t = redis.call('TIME')
@@ -89,6 +94,19 @@ if r_count > 0 then
 end
 -- ---- end rounds ----------------------------------------------------------------------------
 
+-- ---- redemption codes: one-time codes, wrong guesses counted per user per minute ----------
+-- code_misses holds "minute:count" per user; a new minute starts the count afresh.
+local miss_max = tonumber(redis.call('HGET', meta, 'code_miss_max')) or 0
+local minute = math.floor(now / 60000)
+local function misses(user)
+  local v = redis.call('HGET', code_misses, user)
+  if not v then return 0 end
+  local at, count = string.match(v, '^(%d+):(%d+)$')
+  if tonumber(at) ~= minute then return 0 end
+  return tonumber(count)
+end
+-- ---- end redemption codes ------------------------------------------------------------------
+
 local function over(key, field, limit)
   return limit > 0 and field ~= '' and (tonumber(redis.call('HGET', key, field)) or 0) >= limit
 end
@@ -104,8 +122,8 @@ end
 local sold_out_now, granted = false, 0
 for i = 0, n - 1 do
   local b = HEAD + i * FIELDS
-  local user, dev, phone, ip, ikey, chan =
-    ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+  local user, dev, phone, ip, ikey, chan, code_h =
+    ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
   local ifield = user .. '\n' .. ikey
   local prior = false
   if ikey ~= '' then prior = redis.call('HGET', idem, ifield) end
@@ -114,6 +132,12 @@ for i = 0, n - 1 do
     code, data = 2, prior
   elseif wide > 0 then
     code, data = wide, wide_data
+  elseif miss_max > 0 and misses(user) >= miss_max then
+    code, data = 16, tostring(60000 - now % 60000)
+  elseif miss_max > 0 and redis.call('SISMEMBER', codes, code_h) == 0 then
+    local missed = misses(user) + 1
+    redis.call('HSET', code_misses, user, minute .. ':' .. missed)
+    code, data = 15, tostring(miss_max - missed)
   elseif over(users, user, per_user) then
     code = 4
   elseif over(devices, dev, per_device) then
@@ -148,6 +172,11 @@ for i = 0, n - 1 do
     local ev = {'v', '1', 'claim_id', cid .. '.' .. seq,
       'campaign_id', cid, 'user_id', user, 'n', nth, 'seq', seq, 'granted_at', now,
       'device', dev, 'phone', phone, 'ip', ip, 'channel', chan}
+    if miss_max > 0 then
+      redis.call('SREM', codes, code_h)
+      ev[#ev + 1] = 'code'
+      ev[#ev + 1] = code_h
+    end
     if rounds then
       r_left = r_left - 1
       redis.call('HINCRBY', round_users, round .. ':' .. user, 1)

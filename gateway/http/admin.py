@@ -69,6 +69,7 @@ def info(state: CampaignState, now_ms: int | None = None) -> CampaignInfo:
         starts_at=s.starts_at, ends_at=s.ends_at, limits=s.limits,
         eligibility=s.eligibility, coupons=s.coupons, admission=s.admission,
         rounds=s.rounds, round=None if now_ms is None else round_info(state, now_ms),
+        redemption_codes=s.redemption_codes,
     )
 
 
@@ -149,7 +150,10 @@ async def create_campaign(request: web.Request) -> web.Response:
     except SpecError as e:
         raise errors.Unprocessable(str(e), field=f"$.{e.field}") from None
     assert spec.id is not None
-    if not await gw.scripts.create(spec.id, meta_fields(spec)):
+    fields = meta_fields(spec)
+    if spec.redemption_codes:  # the wrong-code allowance is fixed when the campaign is made
+        fields["code_miss_max"] = max(1, gw.settings.code_misses_per_min)
+    if not await gw.scripts.create(spec.id, fields):
         raise errors.Conflict(f"Campaign {spec.id!r} already exists")
     await gw.client.sadd(CAMPAIGNS, spec.id)
     state = await gw.views.load(spec.id)

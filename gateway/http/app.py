@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from gateway.admission.guard import Admission
 from gateway.admission.waitingroom import RoomCache
-from gateway.http import admin, claims, ops
+from gateway.http import admin, claims, codes, ops
 from gateway.http.context import GATEWAY, Gateway
 from gateway.http.peer import PeerResolver
 from gateway.http.problems import problems_middleware
@@ -76,5 +76,6 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app.cleanup_ctx.append(resources)
     claims.add_routes(app)
     admin.add_routes(app)
+    codes.add_routes(app)
     ops.add_routes(app)
     return app

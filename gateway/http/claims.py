@@ -18,6 +18,7 @@ from gateway.domain import (
     Rounds,
     build_grant,
     claim_id,
+    code_hash,
     from_ms,
     ineligibility,
     round_at,
@@ -174,6 +175,8 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
                 headers={"RateLimit-Policy": f'"campaign";q={burst};w={window}',
                          "RateLimit": f'"campaign";r=0;t={max(1, math.ceil(wait_s))}'},
             )
+        case Outcome.BAD_CODE | Outcome.CODE_ATTEMPTS:
+            raise code_problem(gw, state, v)
         case Outcome.BACKLOG:
             raise errors.Overloaded(
                 f"Claims of campaign {cid} are paused while the store catches up", retry_after=2
@@ -181,6 +184,36 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
         case Outcome.UNKNOWN:
             gw.views.forget(cid)
     raise errors.NotFound(f"No campaign {cid!r}")
+
+
+def redemption_code(gw: Gateway, state: CampaignState, req: ClaimRequest) -> str:
+    """The keyed hash of the claim's redemption code, as the claim script looks it up; ""
+    for a campaign without codes (a code sent there is ignored)."""
+    if not state.spec.redemption_codes:
+        return ""
+    if req.code is None:
+        raise errors.Unprocessable("This campaign needs a redemption code in `code`",
+                                   field="$.code")
+    return code_hash(gw.settings.signing_key, state.id, req.code)
+
+
+def code_problem(gw: Gateway, state: CampaignState, v: Verdict) -> Problem:
+    """Wrong codes are counted per user per minute (lua/claim.lua); the RateLimit fields
+    say how many guesses are left and when the count starts afresh."""
+    quota = gw.settings.code_misses_per_min
+    reset_s = max(1, math.ceil((60_000 - v.now_ms % 60_000) / 1000))
+    if v.outcome == Outcome.BAD_CODE:
+        left = max(0, int(v.data))
+        return errors.InvalidCode(
+            f"That code is not valid for campaign {state.id} (unknown or already used); "
+            f"{left} more wrong codes allowed this minute",
+            headers={"RateLimit-Policy": f'"codes";q={quota};w=60',
+                     "RateLimit": f'"codes";r={left};t={reset_s}'})
+    return errors.CodeAttempts(
+        f"Too many wrong codes for campaign {state.id}; retry in {reset_s}s",
+        retry_after=int(v.data) / 1000,
+        headers={"RateLimit-Policy": f'"codes";q={quota};w=60',
+                 "RateLimit": f'"codes";r=0;t={reset_s}'})
 
 
 async def campaign(gw: Gateway, cid: str) -> CampaignState:
@@ -238,7 +271,8 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
             return admitted
         ikey = admitted
     ip = gw.peers.address(request)
-    claim = (who.user_id, who.device_h, who.phone_h, ip, ikey, req.channel or "")
+    claim = (who.user_id, who.device_h, who.phone_h, ip, ikey, req.channel or "",
+             redemption_code(gw, state, req))
     # Repeat clicks in flight share one Redis decision where a second claim could not be
     # granted anyway; a follower hears what Redis would have told it: the same grant for
     # the same Idempotency-Key, else limit_reached naming the grant.

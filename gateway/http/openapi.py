@@ -16,6 +16,9 @@ from gateway.schemas import (
     CampaignPatch,
     ClaimList,
     ClaimRequest,
+    CodesAdded,
+    CodesInfo,
+    CodesRequest,
     Health,
     LiveChange,
     ProblemDocument,
@@ -60,13 +63,13 @@ def public_document() -> dict[str, Any]:
         "201": _ok(Grant, "Granted (or the original grant for a repeated Idempotency-Key)"),
         "400": _problem("Malformed JSON or header"),
         "401": _problem("Missing, invalid or expired identity token"),
-        "403": _problem("Not eligible"),
+        "403": _problem("not_eligible, or invalid_code (redemption code unknown or used)"),
         "404": _problem("Unknown campaign"),
         "409": _problem("limit_reached, not_started or paused"),
         "410": _problem("sold_out or ended"),
         "413": _problem("Body over the cap"),
         "422": _problem("Body of the wrong shape"),
-        "429": _problem("Too many requests"),
+        "429": _problem("rate_limited, admission, or code_attempts (too many wrong codes)"),
         "503": _problem("Overloaded or Redis unavailable"),
     }
     paths = {
@@ -126,6 +129,11 @@ def admin_document() -> dict[str, Any]:
         "/v1/campaigns/{id}/restock": {"post": op("Add stock", CampaignInfo, body=RestockRequest)},
         "/v1/campaigns/{id}/admission": {"put": op("Change the admission rate live",
                                                    CampaignInfo, body=Admission)},
+        "/v1/campaigns/{id}/codes": {
+            "post": op("Generate or import redemption codes (generated ones are shown once)",
+                       CodesAdded, "201", body=CodesRequest),
+            "get": op("Redemption codes not yet used", CodesInfo),
+        },
         "/v1/campaigns/{id}/top": {"get": {
             "summary": "The anomaly view: top addresses or devices by grants",
             "security": _BEARER,
@@ -137,5 +145,5 @@ def admin_document() -> dict[str, Any]:
         }},
     }
     types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument,
-             CampaignPatch, LiveChange]
+             CampaignPatch, LiveChange, CodesRequest, CodesAdded, CodesInfo]
     return _doc("flashclaim admin", paths, types)

@@ -25,6 +25,8 @@ class CampaignKeys(NamedTuple):
     dead: str  # stream: events the writer gave up on, with the reason
     room: str  # zset: the waiting room, user by queue score
     round_users: str  # hash "round:user" -> grants in that round (rounds campaigns)
+    codes: str  # set: keyed hashes of the redemption codes not yet used
+    code_misses: str  # hash user -> "minute:wrong codes" (redemption-code campaigns)
 
     @classmethod
     def of(cls, campaign_id: str) -> CampaignKeys:

@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 
 from gateway.redis.keys import CHANGES, CampaignKeys
 
-ClaimArgs = tuple[str, str, str, str, str, str]  # user, device_h, phone_h, ip, idem_key, channel
+# user, device_h, phone_h, ip, idem_key, channel, code_h (redemption code's keyed hash or "")
+ClaimArgs = tuple[str, str, str, str, str, str, str]
 
 
 class Scripts:
@@ -43,7 +44,7 @@ class Scripts:
             args.extend(c)
         k = CampaignKeys.of(campaign_id)
         keys = [k.meta, k.users, k.devices, k.phones, k.ips, k.grants, k.idem, k.idem_exp, k.events,
-                k.round_users]
+                k.round_users, k.codes, k.code_misses]
         result: list[Any] = await self._claim(keys=keys, args=args)
         return result
 
