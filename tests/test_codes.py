@@ -15,13 +15,23 @@ from typing import Any
 
 import aiohttp
 
-from gateway.domain import code_hash, normalize_code
+from gateway.redeem import code_hash, new_redemption_code, normalize_code
 from gateway.redis.keys import CampaignKeys
 from tests.conftest import claim, create_campaign
 from tests.servers import Gateway, RedisServer
 from tests.test_admin import admin
 
 CODE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{4}(-[0-9A-HJKMNP-TV-Z]{4}){3}$")
+
+
+def test_a_code_has_one_spelling() -> None:
+    assert normalize_code("7k3m-q9xd 0000") == normalize_code("7K3MQ9XD0000") == "7K3MQ9XD0000"
+    assert normalize_code("abcdeß") is None
+    assert normalize_code("short") is None
+    assert normalize_code("x" * 65) is None
+    assert code_hash(b"k", "c1", "abcd-efgh") == code_hash(b"k", "c1", "ABCDEFGH")
+    assert code_hash(b"k", "c1", "ABCDEFGH") != code_hash(b"k", "c2", "ABCDEFGH")
+    assert len({new_redemption_code() for _ in range(1000)}) == 1000
 
 
 async def add_codes(http: aiohttp.ClientSession, gw: Gateway, cid: str,

@@ -18,7 +18,6 @@ from gateway.domain import (
     Rounds,
     build_grant,
     claim_id,
-    code_hash,
     from_ms,
     ineligibility,
     round_at,
@@ -30,6 +29,7 @@ from gateway.http.context import GATEWAY, Gateway
 from gateway.http.problems import shared_problem_response
 from gateway.http.room import uses_room
 from gateway.metrics import count_claim
+from gateway.redeem import code_hash
 from gateway.redis.batcher import Verdict, redis_unavailable
 from gateway.redis.campaigns import CampaignState
 from gateway.redis.keys import CampaignKeys

@@ -9,9 +9,9 @@ import asyncio
 from aiohttp import web
 
 from gateway import errors
-from gateway.domain import code_hash, new_redemption_code, normalize_code
 from gateway.http.admin import fresh_state, json_response, require_admin
 from gateway.http.body import decode, read_capped
+from gateway.redeem import code_hash, new_redemption_code, normalize_code
 from gateway.redis.keys import CampaignKeys
 from gateway.schemas import CodesAdded, CodesInfo, codes_decoder
 
