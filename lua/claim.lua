@@ -17,7 +17,7 @@
 -- `remaining` stays campaign-wide (this round's units plus later rounds'), while stock is
 -- taken from the round's r_left. Between rounds (r_open) not_started carries the next drop
 -- in data; a sold-out round answers sold_out with a positive remaining in the header and
--- publishes "roundout <id> <round>"; "soldout <id>" means the whole campaign.
+-- publishes "roundout <id> <round> <version>"; "soldout <id>" means the whole campaign.
 -- Redemption codes (meta code_miss_max set, see its block): a claim needs a code whose
 -- keyed hash is in the `codes` set; the hash leaves the set with the grant, never otherwise.
 local meta, users, devices, phones, ips, grants, idem, idem_exp, events, round_users =
@@ -203,7 +203,7 @@ if sold_out_now then redis.call('PUBLISH', channel, 'soldout ' .. cid) end
 if rounds and (r_rolled or granted > 0) then
   redis.call('HSET', meta, 'r_idx', round, 'r_left', r_left)
   if granted > 0 and r_left == 0 and remaining > 0 then
-    redis.call('PUBLISH', channel, 'roundout ' .. cid .. ' ' .. round)
+    redis.call('PUBLISH', channel, 'roundout ' .. cid .. ' ' .. round .. ' ' .. out[3])
   end
 end
 

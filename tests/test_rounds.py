@@ -132,7 +132,7 @@ async def test_each_round_grants_exactly_its_stock_under_load(
             assert code == "sold_out"
             assert retry is not None and 1 <= int(retry) <= EVERY_S
             nxt = dt.datetime.fromisoformat(body["next_round_at"]).timestamp()
-            assert at < nxt + 0.5 and nxt - at <= EVERY_S + 0.5
+            assert at < nxt + 1.5 and nxt - at <= EVERY_S + 0.5  # (answers can arrive late)
         if body.get("limit") == "user_per_round":
             assert retry is not None and body["next_round_at"]
     assert seen[(410, "sold_out", None, True)] > 0, seen

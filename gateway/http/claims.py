@@ -153,7 +153,7 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
             rounds = state.spec.rounds
             if rounds is not None and v.remaining > 0:  # this round only
                 pos = round_at(rounds, state.starts_ms, v.now_ms)
-                gw.views.observe_round_out(cid, pos.idx)
+                gw.views.observe_round_out(cid, pos.idx, v.version)
                 if pos.next_ms is not None:
                     raise round_sold_out(cid, pos.idx, pos.next_ms, v.now_ms)
             raise errors.SoldOut(f"Campaign {cid} is sold out")

@@ -135,11 +135,12 @@ class CampaignViews:
         if state is not None and version >= state.version and remaining < state.remaining:
             state.remaining = remaining
 
-    def observe_round_out(self, campaign_id: str, index: int) -> None:
+    def observe_round_out(self, campaign_id: str, index: int, version: int) -> None:
         """Round `index` sold out (a verdict or a `roundout` message); only the round: the
-        campaign's `remaining` still counts later rounds."""
+        campaign's `remaining` still counts later rounds. News from before a restock (an
+        older meta version) must not close the round again."""
         state = self._states.get(campaign_id)
-        if state is not None and index >= state.round_idx:
+        if state is not None and version >= state.version and index >= state.round_idx:
             state.round_idx, state.round_left = index, 0
 
     def forget(self, campaign_id: str) -> None:
@@ -181,7 +182,7 @@ class CampaignViews:
             if state is not None:
                 self.observe_remaining(cid, 0, state.version)
         elif kind == "roundout":
-            self.observe_round_out(cid, int(args[0]))
+            self.observe_round_out(cid, int(args[0]), int(args[1]))
         elif kind == "restock" and state is not None and state.spec.rounds is not None:
             await self.load(cid)  # the units went to the current round: reload its numbers
         elif kind in ("status", "restock"):

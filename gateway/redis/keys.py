@@ -8,7 +8,7 @@ from typing import NamedTuple
 CAMPAIGNS = "fc:campaigns"  # set of campaign ids, for listing
 # pub/sub channel: "changed <id>" | "soldout <id>" | "status <id> <version> <status>"
 #                 | "restock <id> <version> <remaining> <total>"
-#                 | "roundout <id> <round>" (that round sold out; later rounds have stock)
+#                 | "roundout <id> <round> <version>" (that round sold out, not the campaign)
 CHANGES = "fc:changes"
 
 
