@@ -20,6 +20,7 @@ from typing import Any
 import click
 import msgspec
 
+from gateway.cli_codes import codes
 from gateway.durable.verify import verify_command
 from gateway.embedded import EmbeddedRedis
 from gateway.identity import mint_token
@@ -438,6 +439,7 @@ def campaign_restock(campaign_id: str, quantity: int) -> None:
 
 main.add_command(verify_command)
 main.add_command(report)
+main.add_command(codes)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import math
 import re
 import secrets
 from enum import IntEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from msgspec import Meta, Struct
@@ -38,6 +38,32 @@ class Limits(Struct, frozen=True, forbid_unknown_fields=True):
     per_ip: PositiveCount | None = None
     # grants per network: an IPv4 /24 or an IPv6 /48 (one site's allocation), see peer.subnet
     per_subnet: PositiveCount | None = None
+    per_user_per_round: PositiveCount | None = None  # campaigns with `rounds` only
+
+
+PERIODS = {"hourly": 3600, "daily": 86_400, "weekly": 7 * 86_400}
+Seconds = Annotated[int, Meta(ge=1, le=366 * 86_400)]
+
+
+class Rounds(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Rolling drops: `count` rounds of `stock` units, one every `every` seconds (or a
+    period) from `starts_at`. A round stays open until the next drop, or `open_s` seconds
+    after its own; `carry_over` adds a round's leftover to the next one, else it lapses."""
+
+    every: Seconds | Literal["hourly", "daily", "weekly"]
+    count: Annotated[int, Meta(ge=1, le=10_000)]
+    stock: Annotated[int, Meta(ge=1, le=MAX_STOCK)]
+    carry_over: bool = False
+    open_s: Seconds | None = None
+
+    @property
+    def every_ms(self) -> int:
+        return 1000 * (PERIODS[self.every] if isinstance(self.every, str) else self.every)
+
+    @property
+    def open_ms(self) -> int:
+        """How long a round stays open; 0: until the next drop."""
+        return 0 if self.open_s is None else self.open_s * 1000
 
 
 class Eligibility(Struct, frozen=True, forbid_unknown_fields=True):
@@ -97,6 +123,8 @@ class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_default
     antibot: AntiBot | None = None
     # the most face value the campaign may grant, minor units; stock is cut to fit it
     budget_cap: Annotated[int, Meta(ge=1, le=10**15)] | None = None
+    rounds: Rounds | None = None
+    redemption_codes: bool = False  # each claim needs a one-time code from the operator
 
 
 def face_value(spec: CampaignSpec) -> int:
@@ -170,9 +198,90 @@ def validate_spec(spec: CampaignSpec) -> CampaignSpec:
         raise SpecError("admission.admit_per_s", "A waiting room needs `admit_per_s`")
     if spec.antibot is not None and spec.antibot.tag is None and spec.antibot.pow_bits is None:
         raise SpecError("antibot", "Expected `tag` or `pow_bits`")
+    _check_rounds(spec)
     if spec.id is None:
         spec = msgspec.structs.replace(spec, id=f"c-{secrets.token_hex(6)}")
     return spec
+
+
+def _check_rounds(spec: CampaignSpec) -> None:
+    r = spec.rounds
+    if r is None:
+        if spec.limits.per_user_per_round is not None:
+            raise SpecError("limits.per_user_per_round", "Only a campaign with `rounds` has it")
+        return
+    if spec.stock != r.count * r.stock:
+        raise SpecError("stock", f"Expected `stock` = rounds.count * rounds.stock = "
+                        f"{r.count * r.stock}")
+    last_drop = spec.starts_at + dt.timedelta(milliseconds=(r.count - 1) * r.every_ms)
+    if last_drop >= spec.ends_at:
+        raise SpecError("rounds.count", f"The last drop ({last_drop.isoformat()}) is not "
+                        "before `ends_at`")
+    if r.open_ms > r.every_ms:
+        raise SpecError("rounds.open_s", "Expected `open_s` no longer than `every`")
+    if spec.admission is not None and spec.admission.waiting_room:
+        raise SpecError("admission.waiting_room", "A campaign with `rounds` has no waiting room")
+
+
+class RoundPosition(NamedTuple):
+    """Where Redis's clock stands in a campaign's rounds (see lua/claim.lua, which decides
+    the same on Redis TIME)."""
+
+    idx: int  # the current round, 0-based (the last one after the last drop)
+    opens_ms: int  # its drop
+    next_ms: int | None  # the next drop; None after the last
+    open: bool  # inside the round's open window
+
+
+def round_at(rounds: Rounds, starts_ms: int, now_ms: int) -> RoundPosition:
+    every = rounds.every_ms
+    index = min(max(0, (now_ms - starts_ms) // every), rounds.count - 1)
+    opens = starts_ms + index * every
+    nxt = opens + every if index < rounds.count - 1 else None
+    is_open = now_ms >= opens and (rounds.open_ms == 0 or now_ms < opens + rounds.open_ms)
+    return RoundPosition(index, opens, nxt, is_open)
+
+
+def round_left(rounds: Rounds, index: int, left: int, now_index: int) -> int:
+    """Units of round `now_index`, when round `index` was left with `left`: with carry-over
+    every round in between adds its stock to the leftover, else the newest round starts
+    afresh (the same roll-forward lua/claim.lua does)."""
+    if now_index <= index:
+        return left
+    if rounds.carry_over:
+        return left + (now_index - index) * rounds.stock
+    return rounds.stock
+
+
+# ---- live changes -------------------------------------------------------------------------
+
+LIVE_FIELDS = ("limits", "eligibility", "admission")  # what may change during a campaign
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch: objects merge key by key, `null` removes, the rest
+    replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def patched_spec(spec: CampaignSpec, patch: dict[str, Any]) -> CampaignSpec:
+    """`spec` with a merge patch of its live fields applied and validated like a new spec.
+    Raises SpecError (a field that cannot change live, or a bad combination) or
+    msgspec.ValidationError (a field of the wrong shape)."""
+    for key in patch:
+        if key not in LIVE_FIELDS:
+            raise SpecError(key, f"`{key}` cannot change during a campaign; only "
+                            + ", ".join(f"`{f}`" for f in LIVE_FIELDS) + " can")
+    merged = merge_patch(msgspec.to_builtins(spec), patch)
+    return validate_spec(msgspec.convert(merged, CampaignSpec))
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -205,6 +314,9 @@ class Outcome(IntEnum):
     BACKLOG = 12  # the durable store is too far behind: shed
     ADMISSION = 13  # over the campaign's admission rate
     LIMIT_SUBNET = 14  # the caller's /24 (IPv4) or /48 (IPv6) has its grants
+    LIMIT_USER_PER_ROUND = 15  # the user's limit in this round (rounds campaigns)
+    BAD_CODE = 16  # a redemption code that is not (or no longer) in the campaign's batch
+    CODE_ATTEMPTS = 17  # too many wrong codes from this user this minute
 
 
 LIMIT_KIND = {
@@ -213,6 +325,7 @@ LIMIT_KIND = {
     Outcome.LIMIT_PHONE: "phone",
     Outcome.LIMIT_IP: "ip",
     Outcome.LIMIT_SUBNET: "subnet",
+    Outcome.LIMIT_USER_PER_ROUND: "user_per_round",
 }
 
 

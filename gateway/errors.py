@@ -9,7 +9,8 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      │    ├── NotEligible (403 not_eligible)
      │    ├── Blocked (403 blocked)       user, device or address on a blocklist
      │    ├── ProofRequired (403 proof_required)  the campaign's anti-bot proof is missing
-     │    └── BadTicket (403 bad_ticket)
+     │    ├── BadTicket (403 bad_ticket)
+     │    └── InvalidCode (403 invalid_code)   redemption code unknown or used
      ├── NotFound (404 not_found)
      ├── Conflict (409 conflict)
      │    ├── LimitReached (409 limit_reached)
@@ -24,7 +25,8 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      ├── PayloadTooLarge (413 too_large)
      ├── Unprocessable (422 invalid)
      ├── TooManyRequests (429 rate_limited)
-     │    └── AdmissionLimited (429 admission)
+     │    ├── AdmissionLimited (429 admission)
+     │    └── CodeAttempts (429 code_attempts)   too many wrong redemption codes
      └── Unavailable (503 unavailable)
           ├── Overloaded (503 overloaded)
           └── TooManyConnections (503 too_many_connections)  per-address connection cap
@@ -87,6 +89,10 @@ class BadTicket(Forbidden):
     code, title = "bad_ticket", "Waiting-room ticket refused"
 
 
+class InvalidCode(Forbidden):
+    code, title = "invalid_code", "Redemption code not valid"
+
+
 class NotFound(Problem):
     status, code, title = 404, "not_found", "Not found"
 
@@ -145,6 +151,10 @@ class TooManyRequests(Problem):
 
 class AdmissionLimited(TooManyRequests):
     code, title = "admission", "Over the campaign's admission rate"
+
+
+class CodeAttempts(TooManyRequests):
+    code, title = "code_attempts", "Too many wrong redemption codes"
 
 
 class Unavailable(Problem):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
@@ -15,6 +15,7 @@ from gateway.domain import (
     Eligibility,
     Grant,
     Limits,
+    Rounds,
     face_value,
 )
 
@@ -42,6 +43,7 @@ class ProblemDocument(Struct, omit_defaults=True):
     limit: str | None = None  # limit_reached: user | device | phone | ip
     field: str | None = None  # invalid: where in the body
     retry_after_s: int | None = None
+    next_round_at: dt.datetime | None = None  # rounds: when the next drop comes
 
 
 class ClaimList(Struct):
@@ -62,6 +64,13 @@ class Budget(Struct, omit_defaults=True):
         face = face_value(spec)
         return cls(face, stock * face, claimed * face, (stock - claimed) * face,
                    spec.budget_cap)
+class RoundInfo(Struct):
+    """The current round of a campaign with rounds, on Redis's clock."""
+
+    index: int  # 0-based
+    remaining: int  # units left in this round
+    opened_at: dt.datetime
+    next_at: dt.datetime | None  # the next drop; null after the last
 
 
 class CampaignInfo(Struct, omit_defaults=True):
@@ -80,6 +89,63 @@ class CampaignInfo(Struct, omit_defaults=True):
     coupons: list[CouponSpec]
     admission: Admission | None = None
     budget: Budget | None = None
+    rounds: Rounds | None = None
+    round: RoundInfo | None = None
+    redemption_codes: bool = False
+
+
+class LiveFields(Struct, omit_defaults=True):
+    """The parts of a campaign that may change while it runs."""
+
+    limits: Limits
+    eligibility: Eligibility
+    admission: Admission | None = None
+
+
+class CampaignPatch(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """`PATCH /v1/campaigns/{id}`, a JSON merge patch (RFC 7396): the fields given replace
+    or merge into the running spec, `null` removes an optional one, the rest stays."""
+
+    limits: Limits | None = None
+    eligibility: Eligibility | None = None
+    admission: Admission | None = None
+
+
+class LiveChange(Struct):
+    """What a live change did: the fields before and after, the campaign's new meta
+    version, and `seq`, the number of grants decided before the change took effect."""
+
+    campaign_id: str
+    version: int
+    seq: int
+    before: LiveFields
+    after: LiveFields
+
+
+class CodesRequest(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """`POST /v1/campaigns/{id}/codes`: generate `generate` new codes, or add the codes in
+    `import` (6-64 letters and digits; case, dashes and spaces do not count)."""
+
+    generate: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    import_: Annotated[list[Annotated[str, Meta(max_length=80)]],
+                       Meta(min_length=1, max_length=100_000)] | None = msgspec.field(
+        default=None, name="import")
+
+
+class CodesAdded(Struct, omit_defaults=True):
+    """What a batch added. `codes` (generated batches only) is shown this once: Redis keeps
+    only keyed hashes."""
+
+    campaign_id: str
+    added: int
+    duplicates: int  # already in the batch (or twice in this request)
+    available: int  # codes not yet used
+    codes: list[str] | None = None
+
+
+class CodesInfo(Struct):
+    campaign_id: str
+    available: int
 
 
 class CampaignList(Struct):
@@ -117,3 +183,5 @@ restock_decoder = msgspec.json.Decoder(RestockRequest)
 admission_decoder = msgspec.json.Decoder(Admission)
 spec_decoder = msgspec.json.Decoder(CampaignSpec)
 block_decoder = msgspec.json.Decoder(BlockRequest)
+patch_decoder = msgspec.json.Decoder(dict[str, Any])
+codes_decoder = msgspec.json.Decoder(CodesRequest)

@@ -55,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_queue: int = 2048  # claims queued for a slot; beyond: 503
     redis_queue_wait_s: float = 0.5  # the longest a claim queues (shorter under overload)
     backlog_max: int = 200_000  # unwritten grants per campaign before claims get 503
+    code_misses_per_min: int = 5  # wrong redemption codes per user per minute, then 429
     writer_batch: int = 1000
     writer_max_deliveries: int = 5
     writer_claim_idle_ms: int = 30_000  # reclaim a dead writer's entries after this long

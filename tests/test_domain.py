@@ -172,7 +172,8 @@ def test_outcome_values_match_claim_lua_header() -> None:
 
 def test_limit_kinds_cover_the_limit_outcomes() -> None:
     assert {o.name for o in LIMIT_KIND} == {f"LIMIT_{k.upper()}" for k in LIMIT_KIND.values()}
-    assert set(LIMIT_KIND.values()) == {"user", "device", "phone", "ip", "subnet"}
+    assert set(LIMIT_KIND.values()) == {"user", "device", "phone", "ip", "subnet",
+                                        "user_per_round"}
 
 
 # ---- eligibility ---------------------------------------------------------------------------

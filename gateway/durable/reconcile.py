@@ -24,7 +24,7 @@ class Check(msgspec.Struct):
 class Report(msgspec.Struct):
     campaign_id: str
     granted: int  # Redis sequence: grants made
-    taken: int  # stock units taken: total - remaining
+    taken: int  # stock units taken: total - remaining - lapsed with a round
     identities: int  # sum of the per-user counters
     unwritten: int  # grants the writer has not acked
     stored: int  # rows in the store
@@ -73,7 +73,8 @@ async def reconcile(
     spec = msgspec.json.decode(meta["spec"], type=CampaignSpec)
     repaired = await _repair(client, store, campaign_id, spec, signing_key) if repair else 0
     granted = int(meta.get("seq", 0))
-    taken = int(meta["total"]) - int(meta["remaining"])
+    # units that lapsed with a round (rounds without carry-over) were never taken
+    taken = int(meta["total"]) - int(meta["remaining"]) - int(meta.get("forfeited", 0))
     identities = sum(int(v) for v in await client.hvals(keys.users))
     unwritten = int(meta.get("unwritten", 0))
     stored = await store.claim_count(campaign_id)

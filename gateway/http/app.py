@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from gateway.admission.guard import Admission
 from gateway.admission.waitingroom import RoomCache
-from gateway.http import admin, blocklist, claims, ops, page, reports
+from gateway.http import admin, blocklist, claims, codes, ops, page, reports
 from gateway.http.adminauth import ADMIN_AUTH, AdminAuth, admin_tokens
 from gateway.http.context import GATEWAY, Gateway
 from gateway.http.peer import PeerResolver
@@ -91,6 +91,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         admin.add_routes(app)
         reports.add_routes(app, settings)
         page.add_routes(app)
+        codes.add_routes(app)
     blocklist.setup(app, routes=part != "public")
     ops.add_routes(app, public=part != "admin", admin=part != "public")
     return app

@@ -16,10 +16,13 @@ from gateway.domain import (
     Admission,
     CampaignSpec,
     Outcome,
+    Rounds,
     build_grant,
     claim_id,
+    from_ms,
     ineligibility,
     missing_proof,
+    round_at,
 )
 from gateway.errors import Problem
 from gateway.http import blocklist, room
@@ -29,6 +32,7 @@ from gateway.http.peer import subnet
 from gateway.http.problems import shared_problem_response
 from gateway.http.room import uses_room
 from gateway.metrics import count_claim
+from gateway.redeem import code_hash
 from gateway.redis.batcher import Verdict, redis_unavailable
 from gateway.redis.campaigns import CampaignState
 from gateway.redis.keys import CampaignKeys
@@ -39,6 +43,11 @@ from gateway.schemas import ClaimList, ClaimRequest, claim_request_decoder, enco
 WINDOW_MARGIN_MS = 100
 _EMPTY = ClaimRequest()
 POW_HEADER = "Proof-Of-Work"
+
+
+def next_drop(state: CampaignState, now_ms: int) -> int | None:
+    rounds = state.spec.rounds
+    return None if rounds is None else round_at(rounds, state.starts_ms, now_ms).next_ms
 
 
 def campaign_wide(state: CampaignState, now_ms: int | None) -> Problem | None:
@@ -54,7 +63,39 @@ def campaign_wide(state: CampaignState, now_ms: int | None) -> Problem | None:
         return errors.Paused(f"Campaign {cid} is paused", retry_after=5)
     if now_ms is not None and now_ms < state.starts_ms - WINDOW_MARGIN_MS and not uses_room(state):
         return not_started(cid, state.starts_ms, now_ms)
+    if state.spec.rounds is not None and now_ms is not None and now_ms >= state.starts_ms:
+        return between_rounds(state, state.spec.rounds, now_ms)
     return None
+
+
+def between_rounds(state: CampaignState, rounds: Rounds, now_ms: int) -> Problem | None:
+    """A rounds campaign's answer for everyone: the round's window has closed, or its stock
+    is gone (a later round still has stock, so never the campaign's `sold_out` flag) —
+    both with Retry-After to the next drop. Only away from a boundary; nearer, Redis
+    decides."""
+    pos = round_at(rounds, state.starts_ms, now_ms)
+    if pos.next_ms is not None and now_ms >= pos.next_ms - WINDOW_MARGIN_MS:
+        return None
+    closes = pos.opens_ms + rounds.open_ms
+    if rounds.open_ms and now_ms >= closes + WINDOW_MARGIN_MS:
+        if pos.next_ms is None:
+            return errors.Ended(f"The last round of campaign {state.id} has closed")
+        return next_round(state.id, pos.next_ms, now_ms)
+    if state.round_sold_out(pos.idx) and pos.next_ms is not None:
+        return round_sold_out(state.id, pos.idx, pos.next_ms, now_ms)
+    return None
+
+
+def next_round(cid: str, next_ms: int, now_ms: int) -> Problem:
+    return errors.NotStarted(
+        f"The next round of campaign {cid} starts in {(next_ms - now_ms) / 1000:.3f}s",
+        retry_after=(next_ms - now_ms) / 1000, next_round_at=from_ms(next_ms))
+
+
+def round_sold_out(cid: str, index: int, next_ms: int, now_ms: int) -> Problem:
+    return errors.SoldOut(
+        f"Round {index + 1} of campaign {cid} is sold out; the next round has stock",
+        retry_after=(next_ms - now_ms) / 1000, next_round_at=from_ms(next_ms))
 
 
 def not_started(cid: str, starts_ms: int, now_ms: int) -> Problem:
@@ -117,9 +158,24 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
             raise errors.LimitReached(
                 f"The {kind} limit of campaign {cid} is reached", claims=ids, limit=kind
             )
+        case Outcome.LIMIT_USER_PER_ROUND:
+            ids = [claim_id(cid, seq) for seq, _ in parse_records(v.data)]
+            nxt = next_drop(state, v.now_ms)
+            raise errors.LimitReached(
+                f"The per-round limit of campaign {cid} is reached in this round", claims=ids,
+                limit=LIMIT_KIND[v.outcome], next_round_at=None if nxt is None else from_ms(nxt),
+                retry_after=None if nxt is None else (nxt - v.now_ms) / 1000)
         case Outcome.SOLD_OUT:
+            rounds = state.spec.rounds
+            if rounds is not None and v.remaining > 0:  # this round only
+                pos = round_at(rounds, state.starts_ms, v.now_ms)
+                gw.views.observe_round_out(cid, pos.idx, v.version)
+                if pos.next_ms is not None:
+                    raise round_sold_out(cid, pos.idx, pos.next_ms, v.now_ms)
             raise errors.SoldOut(f"Campaign {cid} is sold out")
         case Outcome.NOT_STARTED:
+            if int(v.data) != state.starts_ms:  # the window between two rounds
+                raise next_round(cid, int(v.data), v.now_ms)
             raise not_started(cid, int(v.data), v.now_ms)
         case Outcome.ENDED:
             raise errors.Ended(f"Campaign {cid} has ended")
@@ -135,6 +191,8 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
                 headers={"RateLimit-Policy": f'"campaign";q={burst};w={window}',
                          "RateLimit": f'"campaign";r=0;t={max(1, math.ceil(wait_s))}'},
             )
+        case Outcome.BAD_CODE | Outcome.CODE_ATTEMPTS:
+            raise code_problem(gw, state, v)
         case Outcome.BACKLOG:
             raise errors.Overloaded(
                 f"Claims of campaign {cid} are paused while the store catches up", retry_after=2
@@ -142,6 +200,36 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
         case Outcome.UNKNOWN:
             gw.views.forget(cid)
     raise errors.NotFound(f"No campaign {cid!r}")
+
+
+def redemption_code(gw: Gateway, state: CampaignState, req: ClaimRequest) -> str:
+    """The keyed hash of the claim's redemption code, as the claim script looks it up; ""
+    for a campaign without codes (a code sent there is ignored)."""
+    if not state.spec.redemption_codes:
+        return ""
+    if req.code is None:
+        raise errors.Unprocessable("This campaign needs a redemption code in `code`",
+                                   field="$.code")
+    return code_hash(gw.settings.signing_key, state.id, req.code)
+
+
+def code_problem(gw: Gateway, state: CampaignState, v: Verdict) -> Problem:
+    """Wrong codes are counted per user per minute (lua/claim.lua); the RateLimit fields
+    say how many guesses are left and when the count starts afresh."""
+    quota = gw.settings.code_misses_per_min
+    reset_s = max(1, math.ceil((60_000 - v.now_ms % 60_000) / 1000))
+    if v.outcome == Outcome.BAD_CODE:
+        left = max(0, int(v.data))
+        return errors.InvalidCode(
+            f"That code is not valid for campaign {state.id} (unknown or already used); "
+            f"{left} more wrong codes allowed this minute",
+            headers={"RateLimit-Policy": f'"codes";q={quota};w=60',
+                     "RateLimit": f'"codes";r={left};t={reset_s}'})
+    return errors.CodeAttempts(
+        f"Too many wrong codes for campaign {state.id}; retry in {reset_s}s",
+        retry_after=int(v.data) / 1000,
+        headers={"RateLimit-Policy": f'"codes";q={quota};w=60',
+                 "RateLimit": f'"codes";r=0;t={reset_s}'})
 
 
 async def campaign(gw: Gateway, cid: str) -> CampaignState:
@@ -182,7 +270,7 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
     early = campaign_wide(state, gw.views.redis_now_ms())
     if early is not None:
         if isinstance(early, errors.NotStarted):
-            raise early
+            raise early  # its Retry-After and detail count down
         resp = shared_problem_response(early, cid)
         resp["code"] = early.code
         return resp
@@ -206,7 +294,7 @@ async def _claim(request: web.Request, cid: str) -> web.Response:
     # test-only fault point: the script never sees the device, so its limit goes unchecked
     dev = "" if gw.settings.fault == "skip_device_limit" else who.device_h
     claim = (who.user_id, dev, who.phone_h, ip, ikey, req.channel or "", subnet(ip),
-             who.region)
+             who.region, redemption_code(gw, state, req))
     # Repeat clicks in flight share one Redis decision where a second claim could not be
     # granted anyway; a follower hears what Redis would have told it: the same grant for
     # the same Idempotency-Key, else limit_reached naming the grant.

@@ -17,9 +17,14 @@ from gateway.schemas import (
     BlockRequest,
     CampaignInfo,
     CampaignList,
+    CampaignPatch,
     ClaimList,
     ClaimRequest,
+    CodesAdded,
+    CodesInfo,
+    CodesRequest,
     Health,
+    LiveChange,
     ProblemDocument,
     RestockRequest,
 )
@@ -65,13 +70,14 @@ def public_document() -> dict[str, Any]:
         "201": _ok(Grant, "Granted (or the original grant for a repeated Idempotency-Key)"),
         "400": _problem("Malformed JSON or header"),
         "401": _problem("Missing, invalid or expired identity token"),
-        "403": _problem("not_eligible, blocked or proof_required"),
+        "403": _problem("not_eligible, blocked, proof_required, or invalid_code "
+                        "(redemption code unknown or used)"),
         "404": _problem("Unknown campaign"),
         "409": _problem("limit_reached, not_started or paused"),
         "410": _problem("sold_out or ended"),
         "413": _problem("Body over the cap"),
         "422": _problem("Body of the wrong shape"),
-        "429": _problem("Too many requests"),
+        "429": _problem("rate_limited, admission, or code_attempts (too many wrong codes)"),
         "503": _problem("Overloaded or Redis unavailable"),
     }
     paths = {
@@ -146,13 +152,22 @@ def admin_document() -> dict[str, Any]:
             "post": op("Create a campaign", CampaignInfo, "201", CampaignSpec, params=False),
             "get": op("List campaigns", CampaignList, params=False),
         },
-        "/v1/campaigns/{id}": {"get": op("A campaign with live numbers", CampaignInfo)},
+        "/v1/campaigns/{id}": {
+            "get": op("A campaign with live numbers", CampaignInfo),
+            "patch": op("Change limits, eligibility or admission live (JSON merge patch)",
+                        LiveChange, body=CampaignPatch),
+        },
         "/v1/campaigns/{id}/pause": {"post": op("Pause", CampaignInfo)},
         "/v1/campaigns/{id}/resume": {"post": op("Resume", CampaignInfo)},
         "/v1/campaigns/{id}/end": {"post": op("End for good", CampaignInfo)},
         "/v1/campaigns/{id}/restock": {"post": op("Add stock", CampaignInfo, body=RestockRequest)},
         "/v1/campaigns/{id}/admission": {"put": op("Change the admission rate live",
                                                    CampaignInfo, body=Admission)},
+        "/v1/campaigns/{id}/codes": {
+            "post": op("Generate or import redemption codes (generated ones are shown once)",
+                       CodesAdded, "201", body=CodesRequest),
+            "get": op("Redemption codes not yet used", CodesInfo),
+        },
         "/v1/campaigns/{id}/report": {"get": {
             "summary": "Issued, claimed, claim rate, rejections, channels, regions, time to "
                        "sell out, budget; `format=csv` for a section,key,value CSV",
@@ -181,5 +196,6 @@ def admin_document() -> dict[str, Any]:
     }
     types = [CampaignSpec, CampaignInfo, CampaignList, RestockRequest, Admission, ProblemDocument,
              BlockRequest, BlockEntry, BlockList,
-             Report]
+             Report,
+             CampaignPatch, LiveChange, CodesRequest, CodesAdded, CodesInfo]
     return _doc("flashclaim admin", paths, types)

@@ -55,19 +55,19 @@ def problem_response(p: Problem, request_id: str | None = None) -> web.Response:
     )
 
 
-_shared: dict[tuple[str, str], bytes] = {}
+_shared: dict[tuple[str, str, str], bytes] = {}
 
 
 def shared_problem_response(p: Problem, key: str) -> web.Response:
     """A campaign-wide answer (sold out, ended, paused): the same body for every caller, so
-    it is encoded once per campaign; the request id travels in the header only."""
-    body = _shared.get((key, p.code))
+    it is encoded once per `key`; the request id travels in the header only."""
+    body = _shared.get((key, p.code, p.detail))
     if body is None:
         if len(_shared) > 10_000:
             _shared.clear()
-        body = _shared[(key, p.code)] = encoder.encode(ProblemDocument(
+        body = _shared[(key, p.code, p.detail)] = encoder.encode(ProblemDocument(
             type=PROBLEM_TYPE + p.code, title=p.title, status=p.status, detail=p.detail,
-            code=p.code))
+            code=p.code, **p.extra))
     headers = {"Retry-After": str(max(1, math.ceil(p.retry_after)))} if p.retry_after else None
     return web.Response(body=body, status=p.status, content_type="application/problem+json",
                         headers=headers)

@@ -46,10 +46,16 @@ class CampaignState:
     claimed: int
     version: int
     unwritten: int
+    round_idx: int = 0  # rounds campaigns: the round Redis last decided in...
+    round_left: int = 0  # ...and its units left (a later round has its own)
 
     @property
     def sold_out(self) -> bool:
+        """The whole campaign; a sold-out round is `round_sold_out`."""
         return self.remaining <= 0
+
+    def round_sold_out(self, index: int) -> bool:
+        return self.spec.rounds is not None and index == self.round_idx and self.round_left <= 0
 
 
 def parse_meta(campaign_id: str, meta: Mapping[Any, Any]) -> CampaignState | None:
@@ -66,6 +72,8 @@ def parse_meta(campaign_id: str, meta: Mapping[Any, Any]) -> CampaignState | Non
         claimed=int(meta.get("seq", 0)),
         version=int(meta.get("version", 0)),
         unwritten=int(meta.get("unwritten", 0)),
+        round_idx=int(meta.get("r_idx", 0)),
+        round_left=int(meta.get("r_left", 0)),
     )
 
 
@@ -128,6 +136,14 @@ class CampaignViews:
         if state is not None and version >= state.version and remaining < state.remaining:
             state.remaining = remaining
 
+    def observe_round_out(self, campaign_id: str, index: int, version: int) -> None:
+        """Round `index` sold out (a verdict or a `roundout` message); only the round: the
+        campaign's `remaining` still counts later rounds. News from before a restock (an
+        older meta version) must not close the round again."""
+        state = self._states.get(campaign_id)
+        if state is not None and version >= state.version and index >= state.round_idx:
+            state.round_idx, state.round_left = index, 0
+
     def forget(self, campaign_id: str) -> None:
         self._states.pop(campaign_id, None)
 
@@ -168,6 +184,10 @@ class CampaignViews:
         if kind == "soldout":
             if state is not None:
                 self.observe_remaining(cid, 0, state.version)
+        elif kind == "roundout":
+            self.observe_round_out(cid, int(args[0]), int(args[1]))
+        elif kind == "restock" and state is not None and state.spec.rounds is not None:
+            await self.load(cid)  # the units went to the current round: reload its numbers
         elif kind in ("status", "restock"):
             # applied on receipt: the new numbers travel in the message
             version = int(args[0])

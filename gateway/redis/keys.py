@@ -8,12 +8,13 @@ from typing import NamedTuple
 CAMPAIGNS = "fc:campaigns"  # set of campaign ids, for listing
 # pub/sub channel: "changed <id>" | "soldout <id>" | "status <id> <version> <status>"
 #                 | "restock <id> <version> <remaining> <total>"
+#                 | "roundout <id> <round> <version>" (that round sold out, not the campaign)
 CHANGES = "fc:changes"
 AUDIT = "fc:audit"  # stream: admin actions on their way to the store's audit_log
 
 
 class CampaignKeys(NamedTuple):
-    meta: str  # hash: status, window, limits, remaining, total, seq, version, spec
+    meta: str  # hash: status, window, limits, remaining, total, seq, version, spec, r_*
     users: str  # hash user -> grants
     devices: str  # hash device_h -> grants
     phones: str  # hash phone_h -> grants
@@ -25,6 +26,9 @@ class CampaignKeys(NamedTuple):
     dead: str  # stream: events the writer gave up on, with the reason
     room: str  # zset: the waiting room, user by queue score
     subnets: str  # hash network (IPv4 /24, IPv6 /48) -> grants; counted under per_subnet
+    round_users: str  # hash "round:user" -> grants in that round (rounds campaigns)
+    codes: str  # set: keyed hashes of the redemption codes not yet used
+    code_misses: str  # hash user -> "minute:wrong codes" (redemption-code campaigns)
 
     @classmethod
     def of(cls, campaign_id: str) -> CampaignKeys:

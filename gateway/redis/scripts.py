@@ -11,8 +11,9 @@ from redis.asyncio import Redis
 
 from gateway.redis.keys import CHANGES, CampaignKeys
 
-# user, device_h, phone_h, ip, idem_key, channel, subnet, region
-ClaimArgs = tuple[str, str, str, str, str, str, str, str]
+# user, device_h, phone_h, ip, idem_key, channel, subnet, region,
+# code_h (redemption code's keyed hash or "")
+ClaimArgs = tuple[str, str, str, str, str, str, str, str, str]
 
 
 class Scripts:
@@ -25,10 +26,10 @@ class Scripts:
         self._set_status = load("set_status")
         self._restock = load("restock")
         self._ack = load("ack")
-        self._set_admission = load("set_admission")
+        self._update = load("update")
         self._room_enter = load("room_enter")
         self._all = (self._claim, self._create, self._set_status, self._restock, self._ack,
-                     self._set_admission, self._room_enter)
+                     self._update, self._room_enter)
         self.client = client
 
     async def load_all(self) -> None:
@@ -44,7 +45,7 @@ class Scripts:
             args.extend(c)
         k = CampaignKeys.of(campaign_id)
         keys = [k.meta, k.users, k.devices, k.phones, k.ips, k.grants, k.idem, k.idem_exp, k.events,
-                k.subnets]
+                k.subnets, k.round_users, k.codes, k.code_misses]
         result: list[Any] = await self._claim(keys=keys, args=args)
         return result
 
@@ -64,12 +65,16 @@ class Scripts:
         result = await self._restock(keys=keys, args=[CHANGES, campaign_id, quantity, max_total])
         return [int(x) for x in result]
 
-    async def set_admission(
-        self, campaign_id: str, rate: float, burst: int, spec_json: str
-    ) -> int:
-        keys = [CampaignKeys.of(campaign_id).meta]
-        args = [CHANGES, campaign_id, repr(rate), burst, spec_json]
-        return int(await self._set_admission(keys=keys, args=args))
+    async def update(
+        self, campaign_id: str, spec_json: str, fields: Mapping[str, str | int], version: int
+    ) -> list[int]:
+        """A live change if the meta is still at `version`: {1, new version, seq} | {0}
+        unknown | {-1} ended | {-2} version moved (lua/update.lua)."""
+        args: list[str | int] = [CHANGES, campaign_id, version, spec_json]
+        for k, v in fields.items():
+            args.extend((k, v))
+        result = await self._update(keys=[CampaignKeys.of(campaign_id).meta], args=args)
+        return [int(x) for x in result]
 
     async def room_enter(self, campaign_id: str, user_id: str, shuffle_score: int) -> int:
         keys = CampaignKeys.of(campaign_id)
