@@ -26,8 +26,8 @@ class RateBucket(Struct):
 
 class ClaimRate(Struct):
     bucket_s: int
-    peak_per_s: float
-    mean_per_s: float  # from the first to the last grant
+    peak_per_s: float  # the busiest bucket's grants per second
+    mean_per_s: float  # grants per second from the first bucket with grants to the last
     buckets: list[RateBucket]
 
 
@@ -81,8 +81,9 @@ def build_report(live: Live, store: StoreReport, answers: Mapping[str, int], buc
     spec = live.spec
     buckets = [RateBucket(dt.datetime.fromtimestamp(b, dt.UTC), n, round(n / bucket_s, 3))
                for b, n in store.buckets]
-    span_s = ((store.last_ms or 0) - (store.first_ms or 0)) / 1000
-    mean = store.stored / span_s if span_s > 0 else float(store.stored)
+    # over whole buckets, like the peak, so that the mean never exceeds it
+    span_s = store.buckets[-1][0] - store.buckets[0][0] + bucket_s if store.buckets else 0
+    mean = store.stored / span_s if span_s else 0.0
     rate = ClaimRate(bucket_s, max((b.per_s for b in buckets), default=0.0), round(mean, 3),
                      buckets)
     remaining = max(live.remaining, 0)

@@ -57,6 +57,7 @@ def test_report_figures_and_csv() -> None:
     assert r.rejections == {"limit_reached": 3, "sold_out": 40}
     assert [(b.claims, b.per_s) for b in r.claim_rate.buckets] == [(3, 0.05), (2, 0.033)]
     assert r.claim_rate.peak_per_s == 0.05
+    assert r.claim_rate.mean_per_s == round(5 / 120, 3)  # two minutes with grants
     assert r.budget.used == 5 * 3000
     rows = list(csv.reader(io.StringIO(render_csv(r))))
     assert rows[0] == ["section", "key", "value"]
