@@ -127,9 +127,11 @@ class GuardedHandler(RequestHandler):
         if request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
         if status == 400:
-            p: Problem = BadRequest(f"Malformed HTTP request: {message or 'bad request'}")
-            if exc is not None:
-                self.logger.info("malformed request from %s: %s", request.remote, message)
+            # aiohttp's message quotes the offending line, which may hold a token: only its
+            # first line (what was wrong) goes to the client and the log
+            what = (message or "bad request").split("\n", 1)[0].rstrip(":")
+            p: Problem = BadRequest(f"Malformed HTTP request: {what}")
+            self.logger.info("malformed request from %s: %s", request.remote, what)
         else:
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
             p = Problem("An unexpected error occurred")
