@@ -5,6 +5,9 @@ second; devices are kept only as keyed hashes."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -218,3 +221,23 @@ async def test_admin_api(stack: tuple[RedisServer, Gateway], http: aiohttp.Clien
         async with http.request(method, url + path, json=body, headers=headers) as r:
             doc = await r.json(content_type=None)
         assert (r.status, doc.get("code")) == (status, code), (path, doc)
+
+
+def cli(gw: Gateway, *args: str) -> Any:
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "block", *args], env=gw.env,
+                          capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(done.stdout)
+
+
+async def test_cli(stack: tuple[RedisServer, Gateway], http: aiohttp.ClientSession) -> None:
+    _, gw = stack
+    c = await create_campaign(http, gw, stock=10)
+    added = await asyncio.to_thread(cli, gw, "add", "device", "cli-rig", "--reason", "farm")
+    assert added["value"] == keyed_hash(gw.signing_secret.encode(), "d:cli-rig")
+    status, body, _ = await claim(http, gw, c["id"], gw.token("dora", dev="cli-rig"))
+    assert (status, body["code"]) == (403, "blocked")
+    listed = await asyncio.to_thread(cli, gw, "list", "device")
+    assert added["value"] in [e["value"] for e in listed["entries"]]
+    await asyncio.to_thread(cli, gw, "remove", "device", added["value"], "--hashed")
+    await asyncio.sleep(1.2)  # every worker has caught up
+    assert (await claim(http, gw, c["id"], gw.token("dora", dev="cli-rig")))[0] == 201
