@@ -5,6 +5,7 @@ second; devices are kept only as keyed hashes."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.domain import keyed_hash
 from gateway.redis.blocklist import BlockSet, normalize_ip
@@ -44,6 +47,21 @@ def test_match_by_kind() -> None:
     b.discard("user", "mallory")
     assert b.match("mallory", "", "203.0.113.200") is None
     b.discard("ip", "192.0.2.0/24")  # not there: nothing happens
+
+
+@given(nets=st.lists(st.one_of(st.ip_addresses(v=4).flatmap(
+           lambda a: st.integers(8, 32).map(lambda p: f"{a}/{p}")),
+                                st.ip_addresses(v=6).flatmap(
+           lambda a: st.integers(16, 128).map(lambda p: f"{a}/{p}"))), max_size=8),
+       addr=st.ip_addresses())
+def test_ip_match_agrees_with_ipaddress(nets: list[str], addr: Any) -> None:
+    b = BlockSet()
+    values = [normalize_ip(n) for n in nets]
+    b.replace({"user": [], "device": [], "ip": values})
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # documented: IPv4-mapped IPv6 counts as IPv4
+    expected = any(addr in ipaddress.ip_network(v) for v in values)
+    assert (b.match("u", "", str(addr)) == "ip") == expected
 
 
 def test_normalize_ip() -> None:
