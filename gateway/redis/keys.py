@@ -9,6 +9,11 @@ CAMPAIGNS = "fc:campaigns"  # set of campaign ids, for listing
 # pub/sub channel: "changed <id>" | "soldout <id>" | "status <id> <version> <status>"
 #                 | "restock <id> <version> <remaining> <total>"
 CHANGES = "fc:changes"
+# blocklists: a hash per kind (user | device | ip: value -> entry JSON), a version bumped by
+# every change, and the channel that carries "<version> add|del <kind> <value>"
+BLOCKS = "fc:block:{kind}"
+BLOCKS_VERSION = "fc:block:version"
+BLOCKS_CHANNEL = "fc:blocks"
 
 
 class CampaignKeys(NamedTuple):
