@@ -11,6 +11,7 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      │    ├── ProofRequired (403 proof_required)  the campaign's anti-bot proof is missing
      │    └── BadTicket (403 bad_ticket)
      ├── NotFound (404 not_found)
+     ├── RequestTimeout (408 timeout)    a body that did not arrive in time
      ├── Conflict (409 conflict)
      │    ├── LimitReached (409 limit_reached)
      │    ├── NotStarted (409 not_started)
@@ -38,6 +39,7 @@ class Problem(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
     title: ClassVar[str] = "Internal error"
+    close: ClassVar[bool] = False  # answer, then close the connection
 
     def __init__(
         self,
@@ -88,6 +90,11 @@ class BadTicket(Forbidden):
 
 class NotFound(Problem):
     status, code, title = 404, "not_found", "Not found"
+
+
+class RequestTimeout(Problem):
+    status, code, title = 408, "timeout", "Request body too slow"
+    close = True  # the rest of the body is not worth waiting for
 
 
 class Conflict(Problem):

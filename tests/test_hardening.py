@@ -27,7 +27,8 @@ def guarded(tmp_path_factory: pytest.TempPathFactory,
     """One worker (so per-address counts are one worker's), a short head deadline, a small
     per-address connection cap, and a log that shows malformed requests."""
     gw = Gateway(redis_server.url, Path(tmp_path_factory.mktemp("guarded")), workers=1,
-                 header_timeout_s=str(HEAD_TIMEOUT_S), connections_per_ip="5", log_level="INFO")
+                 header_timeout_s=str(HEAD_TIMEOUT_S), body_timeout_s=str(HEAD_TIMEOUT_S),
+                 connections_per_ip="5", log_level="INFO")
     gw.start()
     yield gw
     gw.stop()
@@ -169,6 +170,26 @@ async def test_kept_alive_connection_outlives_the_deadline(guarded: Gateway) -> 
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+async def test_trickled_body_gets_408_and_the_connection_closes(
+    guarded: Gateway, http: aiohttp.ClientSession
+) -> None:
+    c = await create_campaign(http, guarded)
+    token = guarded.token("trickler")
+    head = (f"POST /v1/campaigns/{c['id']}/claims HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n{").encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", guarded.port)
+    try:
+        started = time.monotonic()
+        writer.write(head)
+        async with asyncio.timeout(HEAD_TIMEOUT_S + 5):
+            response = await reader.read()  # to the close
+        assert time.monotonic() - started < HEAD_TIMEOUT_S + 3
+    finally:
+        writer.close()
+    assert assert_problem_without_trace(response, 408)["code"] == "timeout"
 
 
 @contextlib.asynccontextmanager
