@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -440,6 +441,40 @@ def campaign_restock(campaign_id: str, quantity: int) -> None:
 main.add_command(verify_command)
 main.add_command(report)
 main.add_command(codes)
+_KIND = click.Choice(["user", "device", "ip"])
+
+
+@main.group()
+def block() -> None:
+    """Blocklists of users, devices and addresses/CIDRs (admin API at FLASHCLAIM_URL)."""
+
+
+@block.command("add")
+@click.argument("kind", type=_KIND)
+@click.argument("value")
+@click.option("--reason", default="", help="Why, for the record.")
+@click.option("--hashed", is_flag=True, help="VALUE is a device's keyed hash (as `top` shows).")
+def block_add(kind: str, value: str, reason: str, hashed: bool) -> None:
+    """Block a user id, a device id or an address/CIDR on every worker."""
+    _admin("POST", f"/v1/blocks/{kind}", {"value": value, "reason": reason, "hashed": hashed})
+
+
+@block.command("remove")
+@click.argument("kind", type=_KIND)
+@click.argument("value")
+@click.option("--hashed", is_flag=True, help="VALUE is a device's keyed hash.")
+def block_remove(kind: str, value: str, hashed: bool) -> None:
+    """Unblock; every worker follows within a second."""
+    query = urllib.parse.urlencode({"value": value, **({"hashed": "true"} if hashed else {})})
+    _admin("DELETE", f"/v1/blocks/{kind}?{query}")
+
+
+@block.command("list")
+@click.argument("kind", type=_KIND)
+def block_list(kind: str) -> None:
+    """One blocklist (devices as keyed hashes)."""
+    _admin("GET", f"/v1/blocks/{kind}")
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ and metric label. `gateway.http.problems` is the one place that turns these into
      │    ├── BadTicket (403 bad_ticket)
      │    └── InvalidCode (403 invalid_code)   redemption code unknown or used
      ├── NotFound (404 not_found)
+     ├── RequestTimeout (408 timeout)    a body that did not arrive in time
      ├── Conflict (409 conflict)
      │    ├── LimitReached (409 limit_reached)
      │    ├── NotStarted (409 not_started)
@@ -41,6 +42,7 @@ class Problem(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
     title: ClassVar[str] = "Internal error"
+    close: ClassVar[bool] = False  # answer, then close the connection
 
     def __init__(
         self,
@@ -95,6 +97,11 @@ class InvalidCode(Forbidden):
 
 class NotFound(Problem):
     status, code, title = 404, "not_found", "Not found"
+
+
+class RequestTimeout(Problem):
+    status, code, title = 408, "timeout", "Request body too slow"
+    close = True  # the rest of the body is not worth waiting for
 
 
 class Conflict(Problem):

@@ -38,6 +38,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     claim_body_max: int = 16 * 1024
     header_max: int = 8190  # bytes in the request line and in any one header field
     header_timeout_s: float = 10.0  # a request head must be complete this soon; 0: off
+    body_timeout_s: float = 10.0  # and a body must arrive this soon after its head; 0: off
     connections_per_ip: int = 0  # open connections per address per worker; 0: no cap
     idempotency_ttl_s: int = 24 * 3600
     redis_max_connections: int = 64

@@ -24,10 +24,11 @@ HEAD_TIMEOUT_S = 1.5
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory,
             redis_server: RedisServer) -> Iterator[Gateway]:
-    """One worker (so per-address counts are one worker's), a short head deadline and a
-    small per-address connection cap."""
+    """One worker (so per-address counts are one worker's), a short head deadline, a small
+    per-address connection cap, and a log that shows malformed requests."""
     gw = Gateway(redis_server.url, Path(tmp_path_factory.mktemp("guarded")), workers=1,
-                 header_timeout_s=str(HEAD_TIMEOUT_S), connections_per_ip="5")
+                 header_timeout_s=str(HEAD_TIMEOUT_S), body_timeout_s=str(HEAD_TIMEOUT_S),
+                 connections_per_ip="5", log_level="INFO")
     gw.start()
     yield gw
     gw.stop()
@@ -101,6 +102,19 @@ async def test_unparsable_requests_get_a_problem_document(
     assert_problem_without_trace(await raw(guarded, request_bytes), 400)
 
 
+async def test_malformed_header_is_not_echoed_or_logged(guarded: Gateway) -> None:
+    """aiohttp quotes the offending line in its parse errors; a token in it must not come
+    back or reach the log."""
+    secret = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2Vu.c2ln"
+    for line in (f"Authorization: Bearer {secret}\x01", f"Authorization Bearer {secret}"):
+        request = f"GET /healthz HTTP/1.1\r\nHost: x\r\n{line}\r\n\r\n".encode()
+        response = await raw(guarded, request)
+        assert_problem_without_trace(response, 400)
+        assert secret.encode() not in response
+    log = (guarded.dir / "gateway.log").read_text()
+    assert "malformed request" in log and secret not in log
+
+
 async def test_unexpected_error_is_a_500_problem_without_trace(
     guarded: Gateway, redis_server: RedisServer
 ) -> None:
@@ -156,6 +170,26 @@ async def test_kept_alive_connection_outlives_the_deadline(guarded: Gateway) -> 
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+async def test_trickled_body_gets_408_and_the_connection_closes(
+    guarded: Gateway, http: aiohttp.ClientSession
+) -> None:
+    c = await create_campaign(http, guarded)
+    token = guarded.token("trickler")
+    head = (f"POST /v1/campaigns/{c['id']}/claims HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n{").encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", guarded.port)
+    try:
+        started = time.monotonic()
+        writer.write(head)
+        async with asyncio.timeout(HEAD_TIMEOUT_S + 5):
+            response = await reader.read()  # to the close
+        assert time.monotonic() - started < HEAD_TIMEOUT_S + 3
+    finally:
+        writer.close()
+    assert assert_problem_without_trace(response, 408)["code"] == "timeout"
 
 
 @contextlib.asynccontextmanager

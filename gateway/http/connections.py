@@ -18,12 +18,16 @@ from gateway.schemas import ProblemDocument, encoder
 from gateway.settings import Settings
 
 MAX_HEADERS = 64
+# after answering a request whose body was not read (413, 408), aiohttp reads and drops
+# the rest for this long before closing (10 s by default: a trickler's gift)
+LINGER_S = 2.0
 
 
 def handler_limits(settings: Settings) -> dict[str, Any]:
-    """aiohttp's parser limits: longer lines or fields, or more headers, are a 400."""
+    """aiohttp's parser limits (longer lines or fields, or more headers, are a 400) and its
+    lingering close."""
     return {"max_line_size": settings.header_max, "max_field_size": settings.header_max,
-            "max_headers": MAX_HEADERS}
+            "max_headers": MAX_HEADERS, "lingering_time": LINGER_S}
 
 
 def _canned(p: Problem) -> bytes:
@@ -127,9 +131,11 @@ class GuardedHandler(RequestHandler):
         if request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
         if status == 400:
-            p: Problem = BadRequest(f"Malformed HTTP request: {message or 'bad request'}")
-            if exc is not None:
-                self.logger.info("malformed request from %s: %s", request.remote, message)
+            # aiohttp's message quotes the offending line, which may hold a token: only its
+            # first line (what was wrong) goes to the client and the log
+            what = (message or "bad request").split("\n", 1)[0].rstrip(":")
+            p: Problem = BadRequest(f"Malformed HTTP request: {what}")
+            self.logger.info("malformed request from %s: %s", request.remote, what)
         else:
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
             p = Problem("An unexpected error occurred")

@@ -109,6 +109,8 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         resp = await handler(request)
     except Problem as p:
         resp = problem_response(p, rid)
+        if p.close:
+            resp.force_close()
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -15,13 +15,14 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.redis.keys import BLOCKS, BLOCKS_CHANNEL, BLOCKS_VERSION
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["user", "device", "ip"]
 KINDS: tuple[Kind, ...] = ("user", "device", "ip")
-KEYS: dict[Kind, str] = {k: f"fc:block:{k}" for k in KINDS}  # hash value -> entry JSON
-VERSION = "fc:block:version"  # bumped by every change
-CHANNEL = "fc:blocks"  # "<version> add|del <kind> <value>"
+KEYS: dict[Kind, str] = {k: BLOCKS.format(kind=k) for k in KINDS}
+VERSION, CHANNEL = BLOCKS_VERSION, BLOCKS_CHANNEL
 REFRESH_S = 1.0
 
 

@@ -11,6 +11,11 @@ CAMPAIGNS = "fc:campaigns"  # set of campaign ids, for listing
 #                 | "roundout <id> <round> <version>" (that round sold out, not the campaign)
 CHANGES = "fc:changes"
 AUDIT = "fc:audit"  # stream: admin actions on their way to the store's audit_log
+# blocklists: a hash per kind (user | device | ip: value -> entry JSON), a version bumped by
+# every change, and the channel that carries "<version> add|del <kind> <value>"
+BLOCKS = "fc:block:{kind}"
+BLOCKS_VERSION = "fc:block:version"
+BLOCKS_CHANNEL = "fc:blocks"
 
 
 class CampaignKeys(NamedTuple):
