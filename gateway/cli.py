@@ -196,7 +196,7 @@ def reconcile(campaign_id: str | None, repair: bool) -> None:
     from gateway.durable.reconcile import reconcile as check
     from gateway.durable.reconcile import render
     from gateway.durable.store import open_store
-    from gateway.redis.client import redis_client
+    from gateway.redis.client import connect, redis_client
     from gateway.redis.keys import CAMPAIGNS
 
     settings = load_settings()
@@ -204,6 +204,7 @@ def reconcile(campaign_id: str | None, repair: bool) -> None:
 
     async def go() -> bool:
         client = redis_client(settings)
+        await connect(client)
         store = await open_store(settings.store_url)
         try:
             ids = [campaign_id] if campaign_id else sorted(
@@ -235,13 +236,14 @@ def tail(campaign_id: str, group: str, from_start: bool, count: int | None,
     """Print claim events as JSON lines through a consumer group (at-least-once)."""
 
     from gateway.events import subscribe
-    from gateway.redis.client import redis_client
+    from gateway.redis.client import connect, redis_client
 
     settings = load_settings()
     _need_redis(settings)
 
     async def go() -> None:
         client = redis_client(settings)
+        await connect(client)
         seen = 0
         try:
             async for d in subscribe(client, campaign_id, group, consumer=consumer,

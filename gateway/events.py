@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from gateway.redis.client import RedisClient, socket_timeout
 from gateway.redis.keys import CampaignKeys
 
 EVENT_VERSION = 1
@@ -48,7 +48,7 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def ensure_group(client: Redis, stream: str, group: str, from_start: bool) -> None:
+async def ensure_group(client: RedisClient, stream: str, group: str, from_start: bool) -> None:
     try:
         await client.xgroup_create(stream, group, id="0" if from_start else "$", mkstream=True)
     except ResponseError as e:
@@ -60,7 +60,7 @@ async def ensure_group(client: Redis, stream: str, group: str, from_start: bool)
 class Delivery:
     event: ClaimEvent
     entry_id: str
-    _client: Redis
+    _client: RedisClient
     _stream: str
     _group: str
 
@@ -69,7 +69,7 @@ class Delivery:
 
 
 async def subscribe(
-    client: Redis,
+    client: RedisClient,
     campaign_id: str,
     group: str,
     *,
@@ -84,7 +84,7 @@ async def subscribe(
     stream = CampaignKeys.of(campaign_id).events
     consumer = consumer or consumer_name()
     await ensure_group(client, stream, group, from_start)
-    timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
+    timeout_s = socket_timeout(client)
     if timeout_s:  # a blocking read must end before the client gives up on the socket
         block_ms = max(1, min(block_ms, int(timeout_s * 1000 / 2)))
     cursor = "0"  # our own pending entries first, page by page

@@ -1,4 +1,4 @@
-"""Reconciliation: Redis (units taken, sequence, identity counters) against the stream
+"""Reconciliation: RedisClient (units taken, sequence, identity counters) against the stream
 (entries the writer has not acked) against the store (rows). `--repair` re-inserts what the
 stream still holds and the store lacks."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 
 from gateway.domain import CampaignSpec
 from gateway.durable.store import ClaimRow, Store
 from gateway.events import decode_event
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import CampaignKeys
 
 
@@ -36,7 +36,9 @@ class Report(msgspec.Struct):
         return all(c.ok for c in self.checks)
 
 
-async def _repair(client: Redis, store: Store, cid: str, spec: CampaignSpec, key: bytes) -> int:
+async def _repair(
+    client: RedisClient, store: Store, cid: str, spec: CampaignSpec, key: bytes
+) -> int:
     from gateway.domain import coupon_code
 
     have = await store.claim_ids(cid)
@@ -64,7 +66,7 @@ async def _repair(client: Redis, store: Store, cid: str, spec: CampaignSpec, key
 
 
 async def reconcile(
-    client: Redis, store: Store, campaign_id: str, *, signing_key: bytes, repair: bool = False
+    client: RedisClient, store: Store, campaign_id: str, *, signing_key: bytes, repair: bool = False
 ) -> Report:
     keys = CampaignKeys.of(campaign_id)
     meta = await client.hgetall(keys.meta)

@@ -15,13 +15,13 @@ import time
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.domain import CampaignSpec, coupon_code
 from gateway.durable.store import ClaimConflict, ClaimRow, Store, StoreUnavailable
 from gateway.events import consumer_name, decode_event, ensure_group
 from gateway.metrics import STORE_ROWS, WRITER_DEAD, WRITER_ERRORS, WRITER_LAG, WRITER_WRITTEN
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.redis.scripts import Scripts
 from gateway.settings import Settings
@@ -59,7 +59,7 @@ class Backoff:
 class Writer:
     """Runs one drain per campaign until `close()`; a SIGTERM finishes the batch in hand."""
 
-    def __init__(self, client: Redis, store: Store, settings: Settings,
+    def __init__(self, client: RedisClient, store: Store, settings: Settings,
                  consumer: str | None = None) -> None:
         self.client = client
         self.scripts = Scripts(client, settings.scripts_dir)
@@ -191,7 +191,7 @@ class CampaignDrain:
                         self._written(await self.w.store.insert_claims([r]))
                         done.append(r.stream_id)
                     except ClaimConflict as e:
-                        log.error("CLAIM CONFLICT in %s (%s): Redis may have lost data: %s",
+                        log.error("CLAIM CONFLICT in %s (%s): RedisClient may have lost data: %s",
                                   self.cid, r.event.claim_id, e)
                         bad.append((r.stream_id, fields_by_id[r.stream_id], f"conflict: {e}"))
         if self.w.settings.fault == "writer_crash_after_commit" and rows:
@@ -272,7 +272,7 @@ async def serve_writer(settings: Settings) -> None:
     """The `flashclaim writer` process: until SIGTERM/SIGINT."""
     import signal
 
-    from gateway.redis.client import redis_client
+    from gateway.redis.client import connect, redis_client
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -286,6 +286,8 @@ async def serve_writer(settings: Settings) -> None:
     if store is None:
         return
     client = redis_client(settings, max_connections=512)
+    with contextlib.suppress(RedisError, OSError):  # else the first command connects
+        await connect(client)
     writer = Writer(client, store, settings, consumer=settings.writer_name or None)
     task = asyncio.create_task(writer.run())
     await stop.wait()

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError, RedisError, ResponseError
 from gateway.domain import Outcome
 from gateway.errors import Problem, Unavailable
 from gateway.metrics import REDIS_BATCH, REDIS_ERRORS, REDIS_ROUNDTRIP
+from gateway.redis.client import drop_idle
 from gateway.redis.health import RedisHealth
 from gateway.redis.scripts import ClaimArgs, Scripts
 
@@ -110,7 +111,7 @@ class ClaimBatcher:
             self._fail(items, redis_unavailable())
             if isinstance(e, ConnectionError | OSError):
                 # Redis went away: its other pooled connections are dead too
-                await self._scripts.client.connection_pool.disconnect(inuse_connections=False)
+                await drop_idle(self._scripts.client)
             return
         except BaseException:
             log.exception("claim batch for %s failed unexpectedly", campaign_id)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.domain import CampaignSpec, face_value
@@ -24,6 +23,7 @@ from gateway.metrics import (
     STOCK_REMAINING,
     WRITER_BACKLOG,
 )
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import CHANGES, CampaignKeys
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class CampaignViews:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         clock: Callable[[], float] = time.time,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:

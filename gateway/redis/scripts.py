@@ -7,15 +7,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
-
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import CHANGES, CampaignKeys
 
 ClaimArgs = tuple[str, str, str, str, str, str]  # user, device_h, phone_h, ip, idem_key, channel
 
 
 class Scripts:
-    def __init__(self, client: Redis, lua_dir: Path) -> None:
+    def __init__(self, client: RedisClient, lua_dir: Path) -> None:
         def load(name: str) -> Any:
             return client.register_script((lua_dir / f"{name}.lua").read_text())
 
