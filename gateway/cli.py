@@ -311,10 +311,12 @@ def campaign() -> None:
               help="KIND:VALUE[:THRESHOLD], money in minor units.")
 @click.option("--valid-days", type=int, default=30, show_default=True)
 @click.option("--currency", default="CNY", show_default=True)
+@click.option("--shards", type=int, default=1, show_default=True,
+              help="Split the stock over this many Redis slots (a hot campaign on a cluster).")
 def campaign_create(spec_file: Any, cid: str | None, name: str | None, stock: int | None,
                     starts_in: float, duration: float, per_user: int, per_device: int | None,
                     per_phone: int | None, per_ip: int | None, coupon: str, valid_days: int,
-                    currency: str) -> None:
+                    currency: str, shards: int) -> None:
     """Create a campaign from --file, or from the options."""
     if spec_file is not None:
         _admin("POST", "/v1/campaigns", json.load(spec_file))
@@ -335,6 +337,8 @@ def campaign_create(spec_file: Any, cid: str | None, name: str | None, stock: in
     }
     if cid:
         spec["id"] = cid
+    if shards > 1:
+        spec["shards"] = shards
     _admin("POST", "/v1/campaigns", spec)
 
 

@@ -21,6 +21,7 @@ PositiveCount = Annotated[int, Meta(ge=1, le=1_000_000)]
 Money = Annotated[int, Meta(ge=0, le=10**12, description="integer minor units")]
 
 MAX_STOCK = 1_000_000_000
+MAX_SHARDS = 64
 
 
 class SpecError(ValueError):
@@ -82,6 +83,8 @@ class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_default
     limits: Limits = Limits()
     eligibility: Eligibility = Eligibility()
     admission: Admission | None = None
+    # stock split over this many Redis hash slots (a hot campaign spread over cluster nodes)
+    shards: Annotated[int, Meta(ge=1, le=MAX_SHARDS)] = 1
 
 
 def face_value(spec: CampaignSpec) -> int:
@@ -120,9 +123,27 @@ def validate_spec(spec: CampaignSpec) -> CampaignSpec:
     if spec.admission is not None and spec.admission.waiting_room and (
             spec.admission.admit_per_s is None):
         raise SpecError("admission.admit_per_s", "A waiting room needs `admit_per_s`")
+    if spec.shards > 1:
+        _shardable(spec)
     if spec.id is None:
         spec = msgspec.structs.replace(spec, id=f"c-{secrets.token_hex(6)}")
     return spec
+
+
+def _shardable(spec: CampaignSpec) -> None:
+    """A sharded campaign keeps each user's records on the user's home shard, so only the
+    per-user limit is exact; device, phone and address limits and the admission bucket
+    would be counted per shard."""
+    if spec.shards > spec.stock:
+        raise SpecError("shards", "Expected no more shards than units of stock")
+    lim = spec.limits
+    for name in ("per_device", "per_phone", "per_ip"):
+        if getattr(lim, name) is not None:
+            raise SpecError(f"limits.{name}", "A sharded campaign limits per user only")
+    if spec.admission is not None and not spec.admission.waiting_room and (
+            spec.admission.admit_per_s is not None):
+        raise SpecError("admission.admit_per_s",
+                        "A sharded campaign paces admissions with a waiting room only")
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

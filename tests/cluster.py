@@ -1,18 +1,24 @@
 """A local Redis Cluster for the tests: three masters on loopback ports, no replicas, each
-redis-server in its own directory; `url` is the gateway's `redis+cluster://` form."""
+redis-server in its own directory; `url` is the gateway's `redis+cluster://` form. `stack`:
+a module's cluster with a 2-worker gateway and a writer into SQLite."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import sqlite3
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import redis
 from redis.cluster import ClusterNode
 from redis.cluster import RedisCluster as SyncCluster
 
-from tests.servers import free_port
+from tests.servers import Gateway, Writer, free_port
 
 
 class LocalCluster:
@@ -89,3 +95,58 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self.procs = []
+
+
+class Stack:
+    def __init__(self, cluster: LocalCluster, gateway: Gateway, writer: Writer,
+                 store: Path) -> None:
+        self.cluster, self.gateway, self.writer, self.store = cluster, gateway, writer, store
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=self.writer.env,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    def logs(self) -> str:
+        return "".join((self.gateway.dir / name).read_text(errors="replace")
+                       for name in ("gateway.log", "writer.log")
+                       if (self.gateway.dir / name).exists())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    gw_dir = tmp_path_factory.mktemp("gateway")
+    store = gw_dir / "claims.db"
+    gw = Gateway(cluster.url, gw_dir, workers=2)
+    writer = Writer(gw, f"sqlite:///{store}")
+    try:
+        cluster.start()
+        gw.start()
+        writer.start()
+        yield Stack(cluster, gw, writer, store)
+    finally:
+        writer.stop()
+        gw.stop()
+        cluster.stop()
+    assert "CROSSSLOT" not in Stack(cluster, gw, writer, store).logs()
+
+
+async def stored(stack: Stack, cid: str) -> int:
+    def count() -> int:
+        if not stack.store.exists():
+            return 0
+        with sqlite3.connect(stack.store) as db:
+            try:
+                return int(db.execute("SELECT count(*) FROM claims WHERE campaign_id = ?",
+                                      (cid,)).fetchone()[0])
+            except sqlite3.OperationalError:  # not migrated yet
+                return 0
+
+    return await asyncio.to_thread(count)
+
+
+async def drained(stack: Stack, cid: str, grants: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while await stored(stack, cid) < grants:
+        assert time.monotonic() < deadline, f"the writer stored {await stored(stack, cid)}"
+        await asyncio.sleep(0.2)

@@ -4,77 +4,16 @@ limits under concurrency, every grant stored, reconcile clean, no CROSSSLOT anyw
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.cluster import LocalCluster
+from tests.cluster import Stack, drained, stack, stored
 from tests.conftest import create_campaign
-from tests.servers import Gateway, Writer
+from tests.servers import Gateway
 from tests.test_claims_concurrency import check_answers, volley
 
-
-class Stack:
-    def __init__(self, cluster: LocalCluster, gateway: Gateway, writer: Writer,
-                 store: Path) -> None:
-        self.cluster, self.gateway, self.writer, self.store = cluster, gateway, writer, store
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=self.writer.env,
-                              capture_output=True, text=True, timeout=60, check=False)
-
-    def logs(self) -> str:
-        return "".join((self.gateway.dir / name).read_text(errors="replace")
-                       for name in ("gateway.log", "writer.log")
-                       if (self.gateway.dir / name).exists())
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
-    gw_dir = tmp_path_factory.mktemp("gateway")
-    store = gw_dir / "claims.db"
-    gw = Gateway(cluster.url, gw_dir, workers=2)
-    writer = Writer(gw, f"sqlite:///{store}")
-    try:
-        cluster.start()
-        gw.start()
-        writer.start()
-        yield Stack(cluster, gw, writer, store)
-    finally:
-        writer.stop()
-        gw.stop()
-        cluster.stop()
-    assert "CROSSSLOT" not in Stack(cluster, gw, writer, store).logs()
-
-
-async def stored(stack: Stack, cid: str) -> int:
-    import sqlite3
-
-    def count() -> int:
-        if not stack.store.exists():
-            return 0
-        with sqlite3.connect(stack.store) as db:
-            try:
-                return int(db.execute("SELECT count(*) FROM claims WHERE campaign_id = ?",
-                                      (cid,)).fetchone()[0])
-            except sqlite3.OperationalError:  # not migrated yet
-                return 0
-
-    return await asyncio.to_thread(count)
-
-
-async def drained(stack: Stack, cid: str, grants: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while await stored(stack, cid) < grants:
-        assert time.monotonic() < deadline, f"the writer stored {await stored(stack, cid)}"
-        await asyncio.sleep(0.2)
+__all__ = ["stack"]  # the module's fixture
 
 
 async def show(http: aiohttp.ClientSession, gw: Gateway, cid: str) -> dict[str, Any]:

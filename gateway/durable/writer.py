@@ -72,14 +72,18 @@ class Writer:
         self.errors = 0
 
     async def run(self) -> None:
-        drains: dict[str, asyncio.Task[None]] = {}
+        drains: dict[str, list[asyncio.Task[None]]] = {}
         backoff = Backoff()
         while not self.stop.is_set():
             try:
                 for member in await self.client.smembers(CAMPAIGNS):
                     cid = str(member)
                     if cid not in drains:
-                        drains[cid] = asyncio.create_task(CampaignDrain(self, cid).run())
+                        # one drain per stream: a sharded campaign has one per shard
+                        meta = CampaignKeys.of(cid).meta
+                        shards = int(await self.client.hget(meta, "shards") or 1)
+                        drains[cid] = [asyncio.create_task(CampaignDrain(self, cid, k).run())
+                                       for k in range(shards)]
                 backoff.reset()
                 delay = DISCOVER_S
             except (RedisError, OSError) as e:
@@ -87,17 +91,18 @@ class Writer:
                 delay = backoff.next()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
-        await asyncio.gather(*drains.values(), return_exceptions=True)
+        await asyncio.gather(*(t for ts in drains.values() for t in ts), return_exceptions=True)
 
     def close(self) -> None:
         self.stop.set()
 
 
 class CampaignDrain:
-    def __init__(self, writer: Writer, campaign_id: str) -> None:
+    def __init__(self, writer: Writer, campaign_id: str, shard: int = 0) -> None:
         self.w = writer
         self.cid = campaign_id
-        self.keys = CampaignKeys.of(campaign_id)
+        self.shard = shard
+        self.keys = CampaignKeys.of(campaign_id, shard)
         self.spec: CampaignSpec | None = None
         self.backoff = Backoff()
 
@@ -141,7 +146,7 @@ class CampaignDrain:
                     await asyncio.wait_for(self.w.stop.wait(), delay)
 
     async def _load_spec(self) -> None:
-        spec_json = await self.w.client.hget(self.keys.meta, "spec")
+        spec_json = await self.w.client.hget(CampaignKeys.of(self.cid).meta, "spec")
         if spec_json is None:
             raise StoreUnavailable(f"campaign {self.cid} has no spec in Redis yet")
         self.spec = _spec.decode(spec_json)
@@ -210,7 +215,7 @@ class CampaignDrain:
             else:
                 left += 1
         if done:
-            await self.w.scripts.ack(self.cid, GROUP, done)
+            await self.w.scripts.ack(self.cid, GROUP, done, self.shard)
         if uncounted:
             await self.w.client.xack(self.keys.events, GROUP, *uncounted)
         return left

@@ -15,8 +15,9 @@ from gateway import errors
 from gateway.domain import Admission, CampaignSpec, SpecError, to_ms, validate_spec
 from gateway.http.body import decode, read_capped
 from gateway.http.context import GATEWAY, Gateway
-from gateway.redis.campaigns import CampaignState, parse_meta
-from gateway.redis.keys import CAMPAIGNS, CampaignKeys
+from gateway.redis.campaigns import CampaignState, add_shards, parse_meta
+from gateway.redis.keys import CAMPAIGNS, CHANGES, CampaignKeys
+from gateway.redis.shards import shard_fields, split
 from gateway.schemas import (
     CampaignInfo,
     CampaignList,
@@ -94,6 +95,20 @@ def meta_fields(spec: CampaignSpec) -> dict[str, str | int]:
     }
 
 
+async def create_shards(gw: Gateway, spec: CampaignSpec) -> bool:
+    """Shards 1.. first, so shard 0 (what workers load) appears with all of them there."""
+    assert spec.id is not None
+    fields = meta_fields(spec)
+    if spec.shards == 1:
+        return await gw.scripts.create(spec.id, fields)
+    if await gw.client.exists(CampaignKeys.of(spec.id).meta):
+        return False
+    parts = shard_fields(fields, spec.shards)
+    for k in range(1, spec.shards):
+        await gw.scripts.create(spec.id, parts[k], shard=k)
+    return await gw.scripts.create(spec.id, parts[0])
+
+
 async def create_campaign(request: web.Request) -> web.Response:
     gw = require_admin(request)
     spec = decode(spec_decoder, await read_capped(request, SPEC_BODY_MAX))
@@ -102,7 +117,7 @@ async def create_campaign(request: web.Request) -> web.Response:
     except SpecError as e:
         raise errors.Unprocessable(str(e), field=f"$.{e.field}") from None
     assert spec.id is not None
-    if not await gw.scripts.create(spec.id, meta_fields(spec)):
+    if not await create_shards(gw, spec):
         raise errors.Conflict(f"Campaign {spec.id!r} already exists")
     await gw.client.sadd(CAMPAIGNS, spec.id)
     state = await gw.views.load(spec.id)
@@ -118,6 +133,9 @@ async def list_campaigns(request: web.Request) -> web.Response:
             pipe.hgetall(CampaignKeys.of(cid).meta)
         metas = await pipe.execute()
     states = [parse_meta(cid, m) for cid, m in zip(ids, metas, strict=True)]
+    for state in states:
+        if state is not None:
+            await add_shards(gw.client, state)
     return json_response(CampaignList([info(s) for s in states if s is not None]))
 
 
@@ -134,6 +152,8 @@ async def _set_status(request: web.Request, status: str) -> web.Response:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be {status} again")
+    for k in range(1, await shard_count(gw, cid)):
+        await gw.scripts.set_status(cid, status, shard=k)
     return json_response(info(await fresh_state(gw, cid)))
 
 
@@ -153,11 +173,30 @@ async def restock(request: web.Request) -> web.Response:
     gw = require_admin(request)
     cid = request.match_info["id"]
     req = decode(restock_decoder, await read_capped(request, 4096))
+    shards = await shard_count(gw, cid)
+    if shards > 1:
+        return await restock_shards(gw, cid, req.quantity, shards)
     result = await gw.scripts.restock(cid, req.quantity)
     if result[0] == 0:
         raise errors.NotFound(f"No campaign {cid!r}")
     if result[0] < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be restocked")
+    return json_response(info(await fresh_state(gw, cid)))
+
+
+async def shard_count(gw: Gateway, cid: str) -> int:
+    return int(await gw.client.hget(CampaignKeys.of(cid).meta, "shards") or 1)
+
+
+async def restock_shards(gw: Gateway, cid: str, quantity: int, shards: int) -> web.Response:
+    """Each shard takes its share; then every worker reloads the campaign's sums."""
+    for k, share in enumerate(split(quantity, shards)):
+        result = await gw.scripts.restock(cid, share, shard=k)
+        if result[0] == 0:
+            raise errors.NotFound(f"No campaign {cid!r}")
+        if result[0] < 0:
+            raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be restocked")
+    await gw.client.publish(CHANGES, f"changed {cid}")
     return json_response(info(await fresh_state(gw, cid)))
 
 
@@ -196,9 +235,12 @@ async def top_claimants(request: web.Request) -> web.Response:
     except ValueError:
         raise errors.Unprocessable("`limit` must be an integer", field="limit") from None
     await fresh_state(gw, cid)  # 404 for an unknown campaign
-    key = getattr(CampaignKeys.of(cid), TOP_BY[by])
-    counts = [(int(n), str(k)) async for k, n in gw.client.hscan_iter(key, count=1000)]
-    top = heapq.nlargest(limit, counts)
+    totals: dict[str, int] = {}
+    for shard in range(await shard_count(gw, cid)):
+        key = getattr(CampaignKeys.of(cid, shard), TOP_BY[by])
+        async for k, n in gw.client.hscan_iter(key, count=1000):
+            totals[str(k)] = totals.get(str(k), 0) + int(n)
+    top = heapq.nlargest(limit, ((n, k) for k, n in totals.items()))
     return json_response({"campaign_id": cid, "by": by,
                           "top": [{"key": k, "claims": n} for n, k in top]})
 

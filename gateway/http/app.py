@@ -55,8 +55,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
                 await drop_idle(c)
 
         views = CampaignViews(client, clock, on_reconnect=drop_stale)
+        def shards_of(cid: str) -> int:
+            state = views.cached(cid)
+            return state.spec.shards if state is not None else 1
+
         batcher = ClaimBatcher(
-            scripts, health, settings.idempotency_ttl_s * 1000, settings.backlog_max
+            scripts, health, settings.idempotency_ttl_s * 1000, settings.backlog_max, shards_of
         )
         room = RoomCache()
         app[GATEWAY] = Gateway(

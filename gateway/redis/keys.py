@@ -1,14 +1,18 @@
 """The Redis key layout. Every key of one campaign carries the hash tag `{c:<id>}`, so each
-script touches one slot and the same code runs on Redis Cluster."""
+script touches one slot and the same code runs on Redis Cluster. A campaign split into
+shards keeps shard 0 there and shard k under `{c:<id>:<k>}`, a slot of its own."""
 
 from __future__ import annotations
 
+import zlib
 from typing import NamedTuple
 
 CAMPAIGNS = "fc:campaigns"  # set of campaign ids, for listing
 # pub/sub channel: "changed <id>" | "soldout <id>" | "status <id> <version> <status>"
 #                 | "restock <id> <version> <remaining> <total>"
 CHANGES = "fc:changes"
+# where the scripts of shards 1.. publish: their numbers are a shard's, not the campaign's
+SHARD_CHANNEL = "fc:shard-changes"
 
 
 class CampaignKeys(NamedTuple):
@@ -23,8 +27,16 @@ class CampaignKeys(NamedTuple):
     events: str  # stream: the claim outbox
     dead: str  # stream: events the writer gave up on, with the reason
     room: str  # zset: the waiting room, user by queue score
+    transfers: str  # hash: units this shard lent, transfer id -> "to_shard:n:ms"
+    received: str  # zset: transfer ids this shard took in, by ms
 
     @classmethod
-    def of(cls, campaign_id: str) -> CampaignKeys:
-        p = f"fc:{{c:{campaign_id}}}:"
+    def of(cls, campaign_id: str, shard: int = 0) -> CampaignKeys:
+        tag = f"c:{campaign_id}" if shard == 0 else f"c:{campaign_id}:{shard}"
+        p = f"fc:{{{tag}}}:"
         return cls(*(p + name for name in cls._fields))
+
+
+def home_shard(user_id: str, shards: int) -> int:
+    """The shard that holds a user's records: stable across processes and restarts."""
+    return 0 if shards <= 1 else zlib.crc32(user_id.encode()) % shards
