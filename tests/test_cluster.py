@@ -59,17 +59,20 @@ async def test_campaign_changes_reach_every_worker_on_a_cluster(
     cid = c["id"]
     async with http.post(f"{gw.base}/v1/campaigns/{cid}/pause", headers=gw.admin_headers) as r:
         assert r.status == 200
+    await asyncio.sleep(0.3)  # pub/sub reaches the other worker in a moment, not at once
     answers, _ = await volley(gw, cid, [(f"p{i}", gw.token(f"p{i}")) for i in range(20)],
                               fresh=True)
     assert {a.body["code"] for a in answers} == {"paused"}
     async with http.post(f"{gw.base}/v1/campaigns/{cid}/resume", headers=gw.admin_headers) as r:
         assert r.status == 200
+    await asyncio.sleep(0.3)  # pub/sub reaches the other worker in a moment, not at once
     answers, _ = await volley(gw, cid, [(f"q{i}", gw.token(f"q{i}")) for i in range(20)],
                               fresh=True)
     assert sorted(a.status for a in answers) == [201] + [410] * 19
     async with http.post(f"{gw.base}/v1/campaigns/{cid}/restock", json={"quantity": 2},
                          headers=gw.admin_headers) as r:
         assert r.status == 200
+    await asyncio.sleep(0.3)  # pub/sub reaches the other worker in a moment, not at once
     answers, _ = await volley(gw, cid, [(f"r{i}", gw.token(f"r{i}")) for i in range(20)],
                               fresh=True)
     assert sorted(a.status for a in answers) == [201] * 2 + [410] * 18

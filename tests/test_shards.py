@@ -6,6 +6,7 @@ finished, never lost."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -117,6 +118,12 @@ async def test_an_empty_home_shard_borrows_from_the_others(
     await drained(stack, cid, 4)
     done = await asyncio.to_thread(stack.cli, "reconcile", "--campaign", cid)
     assert done.returncode == 0, done.stdout + done.stderr
+    tail = await asyncio.to_thread(stack.cli, "tail", "--campaign", cid, "--from-start",
+                                   "--count", "4")
+    assert tail.returncode == 0, tail.stderr
+    events = [json.loads(line) for line in tail.stdout.splitlines()]
+    assert sorted(e["user_id"] for e in events) == sorted(users[:4])
+    assert len({e["seq"] for e in events}) == 4
 
 
 def strand(stack: Stack, cid: str, donor: int, to: int, n: int) -> None:
