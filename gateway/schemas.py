@@ -55,6 +55,7 @@ class CampaignInfo(Struct, omit_defaults=True):
     eligibility: Eligibility
     coupons: list[CouponSpec]
     admission: Admission | None = None
+    shards: int = 1
 
 
 class CampaignList(Struct):

@@ -60,7 +60,7 @@ async def test_sharded_campaign_grants_exactly_its_stock_and_sells_out_last(
     gw = stack.gateway
     c = await create_campaign(http, gw, stock=1000, shards=4, limits={"per_user": 1})
     cid = c["id"]
-    assert (c["stock"], c["remaining"]) == (1000, 1000)
+    assert (c["stock"], c["remaining"], c["shards"]) == (1000, 1000, 4)
     users = [f"su{i}" for i in range(5000)]
 
     timed = await timed_volley(stack, cid, users)
@@ -220,3 +220,20 @@ async def test_pause_restock_and_end_reach_every_shard(
     async with http.post(f"{gw.base}/v1/campaigns/{cid}/end", headers=admin) as r:
         assert r.status == 200
     assert {m["status"] for m in shard_meta(stack, cid, 4)} == {"ended"}
+
+
+def test_stock_splits_and_claim_ids_stay_unique() -> None:
+    from gateway.redis.shards import shard_fields, split
+
+    assert split(1000, 4) == [250] * 4
+    assert split(10, 4) == [3, 3, 2, 2]
+    parts = shard_fields({"remaining": 10, "total": 10, "spec": "{}", "status": "live"}, 4)
+    assert [(p["remaining"], p["total"], p["shard"], p["shards"]) for p in parts] == [
+        (3, 3, 0, 4), (3, 3, 1, 4), (2, 2, 2, 4), (2, 2, 3, 4)]
+    assert "spec" in parts[0] and all("spec" not in p for p in parts[1:])
+    # lua/claim.lua: seq = (local - 1) * shards + k + 1, distinct across shards
+    seqs = [(local - 1) * 4 + k + 1 for k in range(4) for local in range(1, 300)]
+    assert len(set(seqs)) == len(seqs) and min(seqs) == 1
+    homes = Counter(home_shard(f"user-{i}", 4) for i in range(4000))
+    assert set(homes) == {0, 1, 2, 3} and min(homes.values()) > 800
+    assert home_shard("alice", 1) == 0 and home_shard("alice", 4) == home_shard("alice", 4)

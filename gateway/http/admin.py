@@ -50,7 +50,7 @@ def info(state: CampaignState) -> CampaignInfo:
         id=state.id, name=s.name, status=state.status, stock=state.total,
         remaining=max(state.remaining, 0), claimed=state.claimed,
         starts_at=s.starts_at, ends_at=s.ends_at, limits=s.limits,
-        eligibility=s.eligibility, coupons=s.coupons, admission=s.admission,
+        eligibility=s.eligibility, coupons=s.coupons, admission=s.admission, shards=s.shards,
     )
 
 
