@@ -126,6 +126,35 @@ async def test_an_empty_home_shard_borrows_from_the_others(
     assert len({e["seq"] for e in events}) == 4
 
 
+async def test_a_crowded_home_shard_borrows_under_concurrency(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """Most claimants share one home shard: its stock runs out first and the rest moves in
+    while claims race, still exactly the stock and sold_out only after the last grant."""
+    gw = stack.gateway
+    c = await create_campaign(http, gw, stock=400, shards=4, limits={"per_user": 1})
+    cid = c["id"]
+    crowd = same_home(4, 1, 900, "crowd")
+    others = [u for u in (f"o{i}" for i in range(2000)) if home_shard(u, 4) != 1][:300]
+    users = [u for pair in zip(crowd[:300], others, strict=True) for u in pair] + crowd[300:]
+
+    timed = await timed_volley(stack, cid, users)
+
+    answers = [a for a, _ in timed]
+    mine = check_answers(cid, answers)
+    assert sum(a.status == 201 for a in answers) == 400
+    assert len(mine) == 400
+    metas = shard_meta(stack, cid, 4)
+    assert [m["remaining"] for m in metas] == ["0"] * 4
+    assert int(metas[1]["seq"]) > 100, "the crowded shard took in no stock"
+    assert sum(int(m["total"]) for m in metas) == 400
+    last_grant = max(grant_times(stack, cid, 4))
+    assert min(t for a, t in timed if a.status == 410) >= last_grant
+    await drained(stack, cid, 400)
+    done = await asyncio.to_thread(stack.cli, "reconcile", "--campaign", cid)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def strand(stack: Stack, cid: str, donor: int, to: int, n: int) -> None:
     """What a gateway that died right after lua/lend.lua leaves behind."""
     k = CampaignKeys.of(cid, donor)
