@@ -1,7 +1,6 @@
-"""Hot-campaign stock shards on a three-master Redis Cluster: a campaign split over shards
-hands out exactly its stock, nobody hears sold_out while a unit is left anywhere, a user's
-empty home shard borrows from the others, and a stock transfer cut short by a crash is
-finished, never lost."""
+"""Stock shards on a three-master Redis Cluster: exactly the stock, sold_out only once no unit
+is left anywhere, an empty home shard borrows from the others, and a stock move cut short by
+a crash is finished, never lost."""
 
 from __future__ import annotations
 

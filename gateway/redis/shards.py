@@ -1,16 +1,6 @@
-"""Hot-campaign stock shards. A campaign with `shards: S` > 1 keeps S copies of its meta
-(status, window, limits) with a share of the stock each, shard k under the hash tag
-`{c:<id>:<k>}` (shard 0 is the campaign's own `{c:<id>}`), so S cluster nodes take its
-claims. A user's records live on the user's home shard (`keys.home_shard`), where
-lua/claim.lua decides the claim as for any campaign.
-
-When the home shard is out of stock, stock moves to it in three single-slot steps:
-lua/lend.lua takes units out of a donor shard and records them as lent; lua/receive.lua
-adds them to the home shard once per transfer id; lua/settle.lua forgets the transfer.
-A crash between steps leaves the units in the donor's `lent` count and transfer record,
-never lost: `recover` finishes such transfers (receive is idempotent), and while any unit is
-lent nobody hears `sold_out`. Sold out is only ever answered after two reads of every shard
-found all of them empty, nothing lent and nothing moved in between."""
+"""Hot-campaign stock shards: the stock split, the shards' numbers, moving stock to a shard
+that ran out (lend, receive, settle: three single-slot scripts) and finishing moves a crashed
+gateway left, and the one check that may call a sharded campaign sold out."""
 
 from __future__ import annotations
 
@@ -82,7 +72,11 @@ async def confirmed_empty(
 
 
 class ShardMover:
-    """Moves stock to a shard that ran out; one per worker."""
+    """Moves stock to a shard that ran out; one per worker. lua/lend.lua takes units out of
+    a donor and records them as lent, lua/receive.lua adds them to the home shard once per
+    transfer id, lua/settle.lua forgets the transfer. A crash between the steps leaves the
+    units in the donor's `lent` count and transfer record, never lost: `recover` finishes
+    the move (receive is idempotent), and while any unit is lent nobody hears sold_out."""
 
     def __init__(self, scripts: Scripts) -> None:
         self.scripts = scripts
