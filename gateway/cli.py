@@ -231,7 +231,7 @@ def reconcile(campaign_id: str | None, repair: bool) -> None:
     from gateway.durable.reconcile import reconcile as check
     from gateway.durable.reconcile import render
     from gateway.durable.store import open_store
-    from gateway.redis.client import redis_client
+    from gateway.redis.client import connect, redis_client
     from gateway.redis.keys import CAMPAIGNS
 
     settings = load_settings()
@@ -239,6 +239,7 @@ def reconcile(campaign_id: str | None, repair: bool) -> None:
 
     async def go() -> bool:
         client = redis_client(settings)
+        await connect(client)
         store = await open_store(settings.store_url)
         try:
             ids = [campaign_id] if campaign_id else sorted(
@@ -270,13 +271,14 @@ def tail(campaign_id: str, group: str, from_start: bool, count: int | None,
     """Print claim events as JSON lines through a consumer group (at-least-once)."""
 
     from gateway.events import subscribe
-    from gateway.redis.client import redis_client
+    from gateway.redis.client import connect, redis_client
 
     settings = load_settings()
     _need_redis(settings)
 
     async def go() -> None:
         client = redis_client(settings)
+        await connect(client)
         seen = 0
         try:
             async for d in subscribe(client, campaign_id, group, consumer=consumer,
@@ -378,10 +380,12 @@ def campaign() -> None:
               help="KIND:VALUE[:THRESHOLD], money in minor units.")
 @click.option("--valid-days", type=int, default=30, show_default=True)
 @click.option("--currency", default="CNY", show_default=True)
+@click.option("--shards", type=int, default=1, show_default=True,
+              help="Split the stock over this many Redis slots (a hot campaign on a cluster).")
 def campaign_create(spec_file: Any, cid: str | None, name: str | None, stock: int | None,
                     starts_in: float, duration: float, per_user: int, per_device: int | None,
                     per_phone: int | None, per_ip: int | None, per_subnet: int | None,
-                    coupon: str, valid_days: int, currency: str) -> None:
+                    coupon: str, valid_days: int, currency: str, shards: int) -> None:
     """Create a campaign from --file, or from the options."""
     if spec_file is not None:
         _admin("POST", "/v1/campaigns", json.load(spec_file))
@@ -403,6 +407,8 @@ def campaign_create(spec_file: Any, cid: str | None, name: str | None, stock: in
     }
     if cid:
         spec["id"] = cid
+    if shards > 1:
+        spec["shards"] = shards
     _admin("POST", "/v1/campaigns", spec)
 
 

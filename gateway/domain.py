@@ -21,6 +21,7 @@ PositiveCount = Annotated[int, Meta(ge=1, le=1_000_000)]
 Money = Annotated[int, Meta(ge=0, le=10**12, description="integer minor units")]
 
 MAX_STOCK = 1_000_000_000
+MAX_SHARDS = 64
 
 
 class SpecError(ValueError):
@@ -125,6 +126,8 @@ class CampaignSpec(Struct, frozen=True, forbid_unknown_fields=True, omit_default
     budget_cap: Annotated[int, Meta(ge=1, le=10**15)] | None = None
     rounds: Rounds | None = None
     redemption_codes: bool = False  # each claim needs a one-time code from the operator
+    # stock split over this many Redis hash slots (a hot campaign spread over cluster nodes)
+    shards: Annotated[int, Meta(ge=1, le=MAX_SHARDS)] = 1
 
 
 def face_value(spec: CampaignSpec) -> int:
@@ -199,6 +202,8 @@ def validate_spec(spec: CampaignSpec) -> CampaignSpec:
     if spec.antibot is not None and spec.antibot.tag is None and spec.antibot.pow_bits is None:
         raise SpecError("antibot", "Expected `tag` or `pow_bits`")
     _check_rounds(spec)
+    if spec.shards > 1:
+        _shardable(spec)
     if spec.id is None:
         spec = msgspec.structs.replace(spec, id=f"c-{secrets.token_hex(6)}")
     return spec
@@ -282,6 +287,29 @@ def patched_spec(spec: CampaignSpec, patch: dict[str, Any]) -> CampaignSpec:
                             + ", ".join(f"`{f}`" for f in LIVE_FIELDS) + " can")
     merged = merge_patch(msgspec.to_builtins(spec), patch)
     return validate_spec(msgspec.convert(merged, CampaignSpec))
+
+
+def _shardable(spec: CampaignSpec) -> None:
+    """A sharded campaign keeps each user's records on the user's home shard, so only the
+    per-user limit is exact; device, phone and address limits and the admission bucket
+    would be counted per shard."""
+    if spec.shards > spec.stock:
+        raise SpecError("shards", "Expected no more shards than units of stock")
+    lim = spec.limits
+    for name in ("per_device", "per_phone", "per_ip", "per_subnet", "per_user_per_round"):
+        if getattr(lim, name) is not None:
+            raise SpecError(f"limits.{name}", "A sharded campaign limits per user only")
+    # rounds, code batches and budget caps live in one meta hash; shards would each need
+    # their own share of them
+    for name in ("rounds", "budget_cap"):
+        if getattr(spec, name) is not None:
+            raise SpecError(name, "A sharded campaign has no " + name)
+    if spec.redemption_codes:
+        raise SpecError("redemption_codes", "A sharded campaign has no redemption codes")
+    if spec.admission is not None and not spec.admission.waiting_room and (
+            spec.admission.admit_per_s is not None):
+        raise SpecError("admission.admit_per_s",
+                        "A sharded campaign paces admissions with a waiting room only")
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

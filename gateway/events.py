@@ -4,6 +4,7 @@ at-least-once async iterator over them for Python subscribers. Schema: docs/even
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import AsyncGenerator
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from gateway.redis.client import RedisClient, socket_timeout
 from gateway.redis.keys import CampaignKeys
 
 EVENT_VERSION = 1
@@ -60,7 +61,7 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def ensure_group(client: Redis, stream: str, group: str, from_start: bool) -> None:
+async def ensure_group(client: RedisClient, stream: str, group: str, from_start: bool) -> None:
     try:
         await client.xgroup_create(stream, group, id="0" if from_start else "$", mkstream=True)
     except ResponseError as e:
@@ -72,7 +73,7 @@ async def ensure_group(client: Redis, stream: str, group: str, from_start: bool)
 class Delivery:
     event: ClaimEvent
     entry_id: str
-    _client: Redis
+    _client: RedisClient
     _stream: str
     _group: str
 
@@ -81,7 +82,7 @@ class Delivery:
 
 
 async def subscribe(
-    client: Redis,
+    client: RedisClient,
     campaign_id: str,
     group: str,
     *,
@@ -92,26 +93,38 @@ async def subscribe(
 ) -> AsyncGenerator[Delivery, None]:
     """Yields the campaign's claim events in stream order through consumer group `group`:
     first this consumer's unacknowledged ones, then new ones. Ack each after handling it;
-    an unacked event comes again (dedupe on `claim_id`)."""
-    stream = CampaignKeys.of(campaign_id).events
+    an unacked event comes again (dedupe on `claim_id`). A sharded campaign has one stream
+    per shard: each is in order, and they are read in turn (order by `seq` across them is
+    not guaranteed)."""
+    shards = int(await client.hget(CampaignKeys.of(campaign_id).meta, "shards") or 1)
+    streams = [CampaignKeys.of(campaign_id, k).events for k in range(shards)]
     consumer = consumer or consumer_name()
-    await ensure_group(client, stream, group, from_start)
-    timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
+    for stream in streams:
+        await ensure_group(client, stream, group, from_start)
+    timeout_s = socket_timeout(client)
     if timeout_s:  # a blocking read must end before the client gives up on the socket
         block_ms = max(1, min(block_ms, int(timeout_s * 1000 / 2)))
-    cursor = "0"  # our own pending entries first, page by page
+    cursors = dict.fromkeys(streams, "0")  # our own pending entries first, page by page
     while True:
-        block = None if cursor != ">" else block_ms
-        reply: Any = await client.xreadgroup(
-            group, consumer, {stream: cursor}, count=batch, block=block
-        )
-        entries: list[Any] = reply[0][1] if reply else []
-        if cursor != ">" and not entries:
-            cursor = ">"
-            continue
-        for entry_id, fields in entries:
-            if fields:
-                yield Delivery(decode_event(fields), str(entry_id), client, stream, group)
-        if cursor != ">":
-            # the next page of our pending entries (those the caller left unacked stay behind)
-            cursor = str(entries[-1][0])
+        got = False
+        for stream in streams:
+            cursor = cursors[stream]
+            # one stream blocks on Redis; several are polled in turn (no read spans slots)
+            block = block_ms if cursor == ">" and len(streams) == 1 else None
+            reply: Any = await client.xreadgroup(
+                group, consumer, {stream: cursor}, count=batch, block=block
+            )
+            entries: list[Any] = reply[0][1] if reply else []
+            if cursor != ">" and not entries:
+                cursors[stream] = ">"
+                got = True  # read the new ones at once
+                continue
+            got = got or bool(entries)
+            for entry_id, fields in entries:
+                if fields:
+                    yield Delivery(decode_event(fields), str(entry_id), client, stream, group)
+            if cursor != ">":
+                # the next page of our pending entries (those the caller left unacked stay)
+                cursors[stream] = str(entries[-1][0])
+        if not got and len(streams) > 1:
+            await asyncio.sleep(min(block_ms, 50) / 1000)

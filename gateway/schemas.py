@@ -92,6 +92,7 @@ class CampaignInfo(Struct, omit_defaults=True):
     rounds: Rounds | None = None
     round: RoundInfo | None = None
     redemption_codes: bool = False
+    shards: int = 1
 
 
 class LiveFields(Struct, omit_defaults=True):

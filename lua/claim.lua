@@ -130,6 +130,11 @@ if rate > 0 then
   tokens = math.min(burst, (tonumber(m[13]) or burst) + math.max(0, now - last) * rate / 1000)
 end
 
+-- shard k of a campaign split in shard_n counts its own grants in meta.seq; claim ids
+-- stay unique per campaign as seq = (local - 1) * shard_n + k + 1 (see lua/lend.lua)
+local shard_n = tonumber(redis.call('HGET', meta, 'shards')) or 1
+local shard_k = tonumber(redis.call('HGET', meta, 'shard')) or 0
+
 local sold_out_now, granted = false, 0
 for i = 0, n - 1 do
   local b = HEAD + i * FIELDS
@@ -170,6 +175,7 @@ for i = 0, n - 1 do
     if rate > 0 then tokens = tokens - 1 end
     remaining = remaining - 1
     local seq = redis.call('HINCRBY', meta, 'seq', 1)
+    if shard_n > 1 then seq = (seq - 1) * shard_n + shard_k + 1 end
     data = seq .. ':' .. now
     local nth = redis.call('HINCRBY', users, user, 1)
     -- every identity is counted, limited or not: the operators' anomaly view reads them,

@@ -1,18 +1,22 @@
-"""Reconciliation: Redis (units taken, sequence, identity counters) against the stream
+"""Reconciliation: RedisClient (units taken, sequence, identity counters) against the stream
 (entries the writer has not acked) against the store (rows). `--repair` re-inserts what the
 stream still holds and the store lacks."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 
 from gateway.domain import CampaignSpec
 from gateway.durable.store import ClaimRow, Store
 from gateway.events import decode_event
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import CampaignKeys
+from gateway.redis.scripts import Scripts
+from gateway.redis.shards import ShardMover, read_shards
+from gateway.settings import default_lua_dir
 
 
 class Check(msgspec.Struct):
@@ -30,18 +34,31 @@ class Report(msgspec.Struct):
     stored: int  # rows in the store
     repaired: int
     checks: list[Check]
+    in_transit: int = 0  # units lent by one shard and not yet settled
 
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
 
 
-async def _repair(client: Redis, store: Store, cid: str, spec: CampaignSpec, key: bytes) -> int:
+async def _repair(
+    client: RedisClient, store: Store, cid: str, spec: CampaignSpec, key: bytes
+) -> int:
+    have = await store.claim_ids(cid)
+    inserted = 0
+    for shard in range(spec.shards):
+        stream = CampaignKeys.of(cid, shard).events
+        inserted += await _repair_stream(client, store, cid, spec, key, stream, have)
+    return inserted
+
+
+async def _repair_stream(
+    client: RedisClient, store: Store, cid: str, spec: CampaignSpec, key: bytes, stream: str,
+    have: set[str],
+) -> int:
     from gateway.domain import coupon_code
 
-    have = await store.claim_ids(cid)
     missing: list[ClaimRow] = []
-    stream = CampaignKeys.of(cid).events
     start = "-"
     while True:
         entries: Any = await client.xrange(stream, min=start, count=1000)
@@ -64,19 +81,28 @@ async def _repair(client: Redis, store: Store, cid: str, spec: CampaignSpec, key
 
 
 async def reconcile(
-    client: Redis, store: Store, campaign_id: str, *, signing_key: bytes, repair: bool = False
+    client: RedisClient, store: Store, campaign_id: str, *, signing_key: bytes,
+    repair: bool = False, lua_dir: Path | None = None,
 ) -> Report:
-    keys = CampaignKeys.of(campaign_id)
-    meta = await client.hgetall(keys.meta)
+    meta = await client.hgetall(CampaignKeys.of(campaign_id).meta)
     if not meta:
         raise LookupError(f"no campaign {campaign_id!r} in Redis")
     spec = msgspec.json.decode(meta["spec"], type=CampaignSpec)
+    if repair and spec.shards > 1:
+        await ShardMover(Scripts(client, lua_dir or default_lua_dir())).recover(
+            campaign_id, spec.shards, stuck_ms=0)
     repaired = await _repair(client, store, campaign_id, spec, signing_key) if repair else 0
-    granted = int(meta.get("seq", 0))
+    parts = await read_shards(client, campaign_id, spec.shards)
+    granted = sum(p.seq for p in parts)
     # units that lapsed with a round (rounds without carry-over) were never taken
-    taken = int(meta["total"]) - int(meta["remaining"]) - int(meta.get("forfeited", 0))
-    identities = sum(int(v) for v in await client.hvals(keys.users))
-    unwritten = int(meta.get("unwritten", 0))
+    forfeited = int(meta.get("forfeited", 0))
+    taken = sum(p.total - p.remaining for p in parts) - forfeited
+    unwritten = sum(p.unwritten for p in parts)
+    in_transit = sum(p.lent for p in parts)
+    identities = 0
+    for shard in range(spec.shards):
+        identities += sum(int(v) for v in await client.hvals(CampaignKeys.of(campaign_id,
+                                                                               shard).users))
     stored = await store.claim_count(campaign_id)
     checks = [
         Check("stock", taken == granted, f"units taken {taken} vs grants {granted}"),
@@ -85,7 +111,12 @@ async def reconcile(
         Check("nothing lost", stored + unwritten >= granted,
               f"store {stored} + unwritten {unwritten} vs grants {granted}"),
     ]
-    return Report(campaign_id, granted, taken, identities, unwritten, stored, repaired, checks)
+    if spec.shards > 1:
+        checks.append(Check("no units in transit", in_transit == 0,
+                            f"{in_transit} units lent between shards and not settled "
+                            "(--repair finishes the transfers)"))
+    return Report(campaign_id, granted, taken, identities, unwritten, stored, repaired, checks,
+                  in_transit)
 
 
 def render(reports: list[Report]) -> str:

@@ -14,10 +14,10 @@ from typing import Any
 
 import click
 import msgspec
-from redis.asyncio import Redis
 
 from gateway.domain import CampaignSpec, claim_id, keyed_hash
 from gateway.durable.store import StoredClaim, open_store
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import CampaignKeys
 from gateway.settings import load_settings
 
@@ -94,7 +94,7 @@ class Verdict(msgspec.Struct):
             self.violations.append(f"... and {len(items) - SHOWN} more like these")
 
 
-async def drain(client: Redis, campaign_id: str, timeout_s: float) -> int:
+async def drain(client: RedisClient, campaign_id: str, timeout_s: float) -> int:
     """Wait for the writer to store every grant; the unwritten count left at the timeout."""
     meta = CampaignKeys.of(campaign_id).meta
     deadline = time.monotonic() + timeout_s
@@ -180,7 +180,7 @@ def check_clients(v: Verdict, spec: CampaignSpec, records: list[Record],
     v.fail(mismatched)
 
 
-async def verify(client: Redis, store_url: str, campaign_id: str, records: list[Record], *,
+async def verify(client: RedisClient, store_url: str, campaign_id: str, records: list[Record], *,
                  pii_key: bytes, drain_timeout_s: float = 60.0) -> Verdict:
     keys = CampaignKeys.of(campaign_id)
     meta: Any = await client.hgetall(keys.meta)

@@ -16,13 +16,13 @@ import time
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.domain import CampaignSpec, coupon_code
 from gateway.durable.store import ClaimConflict, ClaimRow, Store, StoreUnavailable
 from gateway.events import consumer_name, decode_event, ensure_group
 from gateway.metrics import STORE_ROWS, WRITER_DEAD, WRITER_ERRORS, WRITER_LAG, WRITER_WRITTEN
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import CAMPAIGNS, CampaignKeys
 from gateway.redis.scripts import Scripts
 from gateway.settings import Settings
@@ -60,7 +60,7 @@ class Backoff:
 class Writer:
     """Runs one drain per campaign until `close()`; a SIGTERM finishes the batch in hand."""
 
-    def __init__(self, client: Redis, store: Store, settings: Settings,
+    def __init__(self, client: RedisClient, store: Store, settings: Settings,
                  consumer: str | None = None) -> None:
         self.client = client
         self.scripts = Scripts(client, settings.scripts_dir)
@@ -76,14 +76,18 @@ class Writer:
         from gateway.durable.audit import AuditDrain
 
         audit = asyncio.create_task(AuditDrain(self).run())
-        drains: dict[str, asyncio.Task[None]] = {}
+        drains: dict[str, list[asyncio.Task[None]]] = {}
         backoff = Backoff()
         while not self.stop.is_set():
             try:
                 for member in await self.client.smembers(CAMPAIGNS):
                     cid = str(member)
                     if cid not in drains:
-                        drains[cid] = asyncio.create_task(CampaignDrain(self, cid).run())
+                        # one drain per stream: a sharded campaign has one per shard
+                        meta = CampaignKeys.of(cid).meta
+                        shards = int(await self.client.hget(meta, "shards") or 1)
+                        drains[cid] = [asyncio.create_task(CampaignDrain(self, cid, k).run())
+                                       for k in range(shards)]
                 backoff.reset()
                 delay = DISCOVER_S
             except (RedisError, OSError) as e:
@@ -91,17 +95,19 @@ class Writer:
                 delay = backoff.next()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
-        await asyncio.gather(audit, *drains.values(), return_exceptions=True)
+        await asyncio.gather(audit, *(t for ts in drains.values() for t in ts),
+                             return_exceptions=True)
 
     def close(self) -> None:
         self.stop.set()
 
 
 class CampaignDrain:
-    def __init__(self, writer: Writer, campaign_id: str) -> None:
+    def __init__(self, writer: Writer, campaign_id: str, shard: int = 0) -> None:
         self.w = writer
         self.cid = campaign_id
-        self.keys = CampaignKeys.of(campaign_id)
+        self.shard = shard
+        self.keys = CampaignKeys.of(campaign_id, shard)
         self.spec: CampaignSpec | None = None
         self.backoff = Backoff()
 
@@ -145,7 +151,7 @@ class CampaignDrain:
                     await asyncio.wait_for(self.w.stop.wait(), delay)
 
     async def _load_spec(self) -> None:
-        spec_json = await self.w.client.hget(self.keys.meta, "spec")
+        spec_json = await self.w.client.hget(CampaignKeys.of(self.cid).meta, "spec")
         if spec_json is None:
             raise StoreUnavailable(f"campaign {self.cid} has no spec in Redis yet")
         self.spec = _spec.decode(spec_json)
@@ -195,7 +201,7 @@ class CampaignDrain:
                         self._written(await self.w.store.insert_claims([r]))
                         done.append(r.stream_id)
                     except ClaimConflict as e:
-                        log.error("CLAIM CONFLICT in %s (%s): Redis may have lost data: %s",
+                        log.error("CLAIM CONFLICT in %s (%s): RedisClient may have lost data: %s",
                                   self.cid, r.event.claim_id, e)
                         bad.append((r.stream_id, fields_by_id[r.stream_id], f"conflict: {e}"))
         if self.w.settings.fault == "writer_crash_after_commit" and rows:
@@ -214,7 +220,7 @@ class CampaignDrain:
             else:
                 left += 1
         if done:
-            await self.w.scripts.ack(self.cid, GROUP, done)
+            await self.w.scripts.ack(self.cid, GROUP, done, self.shard)
         if uncounted:
             await self.w.client.xack(self.keys.events, GROUP, *uncounted)
         return left
@@ -276,7 +282,7 @@ async def serve_writer(settings: Settings) -> None:
     """The `flashclaim writer` process: until SIGTERM/SIGINT."""
     import signal
 
-    from gateway.redis.client import redis_client
+    from gateway.redis.client import connect, redis_client
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -290,6 +296,8 @@ async def serve_writer(settings: Settings) -> None:
     if store is None:
         return
     client = redis_client(settings, max_connections=512)
+    with contextlib.suppress(RedisError, OSError):  # else the first command connects
+        await connect(client)
     writer = Writer(client, store, settings, consumer=settings.writer_name or None)
     task = asyncio.create_task(writer.run())
     await stop.wait()

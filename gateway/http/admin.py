@@ -33,8 +33,9 @@ from gateway.http.audit import campaign_target, record
 from gateway.http.body import decode, read_capped
 from gateway.http.context import Gateway
 from gateway.http.problems import decode_error
-from gateway.redis.campaigns import CampaignState, parse_meta
-from gateway.redis.keys import CAMPAIGNS, CampaignKeys
+from gateway.redis.campaigns import CampaignState, add_shards, parse_meta
+from gateway.redis.keys import CAMPAIGNS, CHANGES, CampaignKeys
+from gateway.redis.shards import shard_fields, split
 from gateway.schemas import (
     Budget,
     CampaignInfo,
@@ -63,6 +64,7 @@ def info(state: CampaignState, now_ms: int | None = None) -> CampaignInfo:
         budget=Budget.of(s, state.total, state.claimed),
         rounds=s.rounds, round=None if now_ms is None else round_info(state, now_ms),
         redemption_codes=s.redemption_codes,
+        shards=s.shards,
     )
 
 
@@ -137,6 +139,22 @@ def rounds_meta(spec: CampaignSpec) -> dict[str, str | int]:
             "r_carry": int(r.carry_over), "r_open": r.open_ms, "r_idx": 0, "r_left": r.stock}
 
 
+async def create_shards(gw: Gateway, spec: CampaignSpec) -> bool:
+    """Shards 1.. first, so shard 0 (what workers load) appears with all of them there."""
+    assert spec.id is not None
+    fields = meta_fields(spec)
+    if spec.redemption_codes:  # the wrong-code allowance is fixed when the campaign is made
+        fields["code_miss_max"] = max(1, gw.settings.code_misses_per_min)
+    if spec.shards == 1:
+        return await gw.scripts.create(spec.id, fields)
+    if await gw.client.exists(CampaignKeys.of(spec.id).meta):
+        return False
+    parts = shard_fields(fields, spec.shards)
+    for k in range(1, spec.shards):
+        await gw.scripts.create(spec.id, parts[k], shard=k)
+    return await gw.scripts.create(spec.id, parts[0])
+
+
 async def create_campaign(request: web.Request) -> web.Response:
     gw = require_admin(request)
     spec = decode(spec_decoder, await read_capped(request, SPEC_BODY_MAX))
@@ -145,10 +163,7 @@ async def create_campaign(request: web.Request) -> web.Response:
     except SpecError as e:
         raise errors.Unprocessable(str(e), field=f"$.{e.field}") from None
     assert spec.id is not None
-    fields = meta_fields(spec)
-    if spec.redemption_codes:  # the wrong-code allowance is fixed when the campaign is made
-        fields["code_miss_max"] = max(1, gw.settings.code_misses_per_min)
-    if not await gw.scripts.create(spec.id, fields):
+    if not await create_shards(gw, spec):
         raise errors.Conflict(f"Campaign {spec.id!r} already exists")
     await gw.client.sadd(CAMPAIGNS, spec.id)
     state = await gw.views.load(spec.id)
@@ -167,6 +182,9 @@ async def list_campaigns(request: web.Request) -> web.Response:
         metas = await pipe.execute()
     now = gw.views.redis_now_ms()
     states = [parse_meta(cid, m) for cid, m in zip(ids, metas, strict=True)]
+    for state in states:
+        if state is not None:
+            await add_shards(gw.client, state)
     return json_response(CampaignList([info(s, now) for s in states if s is not None]))
 
 
@@ -185,6 +203,8 @@ async def _set_status(request: web.Request, status: str, action: str) -> web.Res
         raise errors.NotFound(f"No campaign {cid!r}")
     if result < 0:
         raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be {status} again")
+    for k in range(1, await shard_count(gw, cid)):
+        await gw.scripts.set_status(cid, status, shard=k)
     after = info(await fresh_state(gw, cid), gw.views.redis_now_ms())
     await record(gw, request, action, campaign_target(cid), before, after)
     return json_response(after)
@@ -208,6 +228,12 @@ async def restock(request: web.Request) -> web.Response:
     req = decode(restock_decoder, await read_capped(request, 4096))
     state = await fresh_state(gw, cid)
     before = info(state)
+    shards = await shard_count(gw, cid)
+    if shards > 1:
+        await restock_shards(gw, cid, req.quantity, shards)
+        after = info(await fresh_state(gw, cid), gw.views.redis_now_ms())
+        await record(gw, request, "campaign.restock", campaign_target(cid), before, after)
+        return json_response(after)
     units = budget_units(state.spec)
     result = await gw.scripts.restock(cid, req.quantity, units or 0)
     if result[0] == 0:
@@ -235,6 +261,9 @@ async def change_live(
     makes it start over from the newer spec rather than undo that change."""
     for _ in range(5):
         state = await fresh_state(gw, cid)
+        if state.spec.shards > 1:  # every shard would need the change in the same step
+            raise errors.Conflict(f"Campaign {cid} is sharded: its limits and admission are "
+                                  "fixed when it is created")
         try:
             spec = change(state.spec)
         except SpecError as e:
@@ -252,6 +281,21 @@ async def change_live(
             return LiveChange(cid, result[1], result[2], live_fields(state.spec),
                               live_fields(spec))
     raise errors.Conflict(f"Campaign {cid} is changing too often; retry")
+
+
+async def shard_count(gw: Gateway, cid: str) -> int:
+    return int(await gw.client.hget(CampaignKeys.of(cid).meta, "shards") or 1)
+
+
+async def restock_shards(gw: Gateway, cid: str, quantity: int, shards: int) -> None:
+    """Each shard takes its share; then every worker reloads the campaign's sums."""
+    for k, share in enumerate(split(quantity, shards)):
+        result = await gw.scripts.restock(cid, share, shard=k)
+        if result[0] == 0:
+            raise errors.NotFound(f"No campaign {cid!r}")
+        if result[0] < 0:
+            raise errors.AlreadyEnded(f"Campaign {cid} has ended; it cannot be restocked")
+    await gw.client.publish(CHANGES, f"changed {cid}")
 
 
 async def set_admission(request: web.Request) -> web.Response:
@@ -297,9 +341,12 @@ async def top_claimants(request: web.Request) -> web.Response:
     except ValueError:
         raise errors.Unprocessable("`limit` must be an integer", field="limit") from None
     await fresh_state(gw, cid)  # 404 for an unknown campaign
-    key = getattr(CampaignKeys.of(cid), TOP_BY[by])
-    counts = [(int(n), str(k)) async for k, n in gw.client.hscan_iter(key, count=1000)]
-    top = heapq.nlargest(limit, counts)
+    totals: dict[str, int] = {}
+    for shard in range(await shard_count(gw, cid)):
+        key = getattr(CampaignKeys.of(cid, shard), TOP_BY[by])
+        async for k, n in gw.client.hscan_iter(key, count=1000):
+            totals[str(k)] = totals.get(str(k), 0) + int(n)
+    top = heapq.nlargest(limit, ((n, k) for k, n in totals.items()))
     return json_response({"campaign_id": cid, "by": by,
                           "top": [{"key": k, "claims": n} for n, k in top]})
 

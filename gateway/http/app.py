@@ -23,7 +23,7 @@ from gateway.http.room import RoomRefresher
 from gateway.identity import KeyFile, PublicKey, Verifier
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
-from gateway.redis.client import redis_client
+from gateway.redis.client import connect, drop_idle, redis_client
 from gateway.redis.health import RedisHealth
 from gateway.redis.scripts import Scripts
 from gateway.settings import Settings
@@ -57,15 +57,21 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         scripts = Scripts(redis_client(settings), settings.scripts_dir)  # writes: no retries
         health = RedisHealth()
         with contextlib.suppress(RedisError, OSError):
+            await connect(client)
+            await connect(scripts.client)
             await scripts.load_all()
             health.scripts_loaded = True
         async def drop_stale() -> None:
             for c in (client, scripts.client):
-                await c.connection_pool.disconnect(inuse_connections=False)
+                await drop_idle(c)
 
         views = CampaignViews(client, clock, on_reconnect=drop_stale)
+        def shards_of(cid: str) -> int:
+            state = views.cached(cid)
+            return state.spec.shards if state is not None else 1
+
         batcher = ClaimBatcher(
-            scripts, health, settings.idempotency_ttl_s * 1000, settings.backlog_max
+            scripts, health, settings.idempotency_ttl_s * 1000, settings.backlog_max, shards_of
         )
         room = RoomCache()
         app[GATEWAY] = Gateway(

@@ -35,7 +35,7 @@ from gateway.metrics import count_claim
 from gateway.redeem import code_hash
 from gateway.redis.batcher import Verdict, redis_unavailable
 from gateway.redis.campaigns import CampaignState
-from gateway.redis.keys import CampaignKeys
+from gateway.redis.keys import CampaignKeys, home_shard
 from gateway.schemas import ClaimList, ClaimRequest, claim_request_decoder, encoder
 
 # Pre-answer window questions from the cached Redis clock only this far from a boundary;
@@ -323,7 +323,8 @@ async def my_claims(request: web.Request) -> web.Response:
     state = await campaign(gw, request.match_info["id"])
     who = gw.verifier.verify(request.headers.get("Authorization"))
     try:
-        records = await gw.client.hget(CampaignKeys.of(state.id).grants, who.user_id)
+        home = home_shard(who.user_id, state.spec.shards)
+        records = await gw.client.hget(CampaignKeys.of(state.id, home).grants, who.user_id)
     except (RedisError, OSError):
         gw.health.failed()
         raise redis_unavailable() from None

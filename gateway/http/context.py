@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from gateway.admission.guard import Admission
 from gateway.admission.waitingroom import RoomCache
@@ -13,6 +12,7 @@ from gateway.http.peer import PeerResolver
 from gateway.identity import Verifier
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
+from gateway.redis.client import RedisClient
 from gateway.redis.health import RedisHealth
 from gateway.redis.scripts import Scripts
 from gateway.settings import Settings
@@ -21,7 +21,7 @@ from gateway.settings import Settings
 @dataclass
 class Gateway:
     settings: Settings
-    client: Redis
+    client: RedisClient
     scripts: Scripts
     health: RedisHealth
     views: CampaignViews

@@ -12,7 +12,6 @@ import random
 from typing import Any
 
 from aiohttp import web
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway import errors
@@ -31,6 +30,7 @@ from gateway.http.context import Gateway
 from gateway.metrics import ROOM_SERVING, ROOM_TICKETS
 from gateway.redis.batcher import redis_unavailable
 from gateway.redis.campaigns import CampaignState, CampaignViews
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import CampaignKeys
 from gateway.schemas import encoder
 
@@ -98,7 +98,7 @@ async def gate(gw: Gateway, state: CampaignState, who: Identity,
 class RoomRefresher:
     """Keeps the worker's RoomCache of every waiting-room campaign it knows fresh."""
 
-    def __init__(self, client: Redis, views: CampaignViews, cache: RoomCache) -> None:
+    def __init__(self, client: RedisClient, views: CampaignViews, cache: RoomCache) -> None:
         self._client, self._views, self._cache = client, views, cache
         self._stop = asyncio.Event()
 

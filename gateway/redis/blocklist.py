@@ -12,9 +12,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import BLOCKS, BLOCKS_CHANNEL, BLOCKS_VERSION
 
 log = logging.getLogger(__name__)
@@ -99,11 +99,13 @@ class BlockSet:
 
 
 async def change(
-    client: Redis, op: Literal["add", "del"], kind: Kind, value: str, entry: str = ""
+    client: RedisClient, op: Literal["add", "del"], kind: Kind, value: str, entry: str = ""
 ) -> bool:
     """Add (or update) or delete one entry, bump the version and tell every worker.
     True when the entry was new (add) or was there (del)."""
-    async with client.pipeline(transaction=True) as pipe:
+    # no MULTI (a cluster pipeline may not offer one): a reader that sees the new version
+    # reloads everything, and the change is in place before the bump
+    async with client.pipeline(transaction=False) as pipe:
         if op == "add":
             pipe.hset(KEYS[kind], value, entry)
         else:
@@ -114,7 +116,7 @@ async def change(
     return bool(done)
 
 
-async def entries(client: Redis, kind: Kind) -> dict[str, str]:
+async def entries(client: RedisClient, kind: Kind) -> dict[str, str]:
     raw: dict[Any, Any] = await client.hgetall(KEYS[kind])
     return {str(k): str(v) for k, v in raw.items()}
 
@@ -122,7 +124,7 @@ async def entries(client: Redis, kind: Kind) -> dict[str, str]:
 class BlocklistView:
     """This worker's copy; `run()` keeps it fresh until `close()`."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
         self.blocks = BlockSet()
         self.version = -1  # unknown: the first check loads everything

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.domain import CampaignSpec, face_value
@@ -25,7 +24,9 @@ from gateway.metrics import (
     STOCK_REMAINING,
     WRITER_BACKLOG,
 )
+from gateway.redis.client import RedisClient
 from gateway.redis.keys import CHANGES, CampaignKeys
+from gateway.redis.shards import confirmed_empty, read_shards, stock_left
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,27 @@ def parse_meta(campaign_id: str, meta: Mapping[Any, Any]) -> CampaignState | Non
     )
 
 
+async def add_shards(client: RedisClient, state: CampaignState) -> None:
+    """A sharded campaign's numbers are the sum over its shards (shard 0's meta, read
+    already, holds only its share); units in transit between shards count as left."""
+    shards = state.spec.shards
+    if shards <= 1:
+        return
+    parts = await read_shards(client, state.id, shards)
+    state.total = sum(p.total + p.lent for p in parts)
+    state.claimed = sum(p.seq for p in parts)
+    state.unwritten = sum(p.unwritten for p in parts)
+    state.remaining = stock_left(parts)
+    if state.remaining == 0 and not await confirmed_empty(client, state.id, shards, parts):
+        state.remaining = 1  # stock moved while we read: not sold out
+
+
 class CampaignViews:
     """`get()` answers from memory; `run()` keeps memory fresh until `close()`."""
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         clock: Callable[[], float] = time.time,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -125,9 +141,11 @@ class CampaignViews:
                 self._absent.clear()
             self._absent[campaign_id] = time.monotonic() + NEGATIVE_TTL_S
         else:
+            await add_shards(self._client, state)
             self._absent.pop(campaign_id, None)
             self._states[campaign_id] = state
         return state
+
 
     def observe_remaining(self, campaign_id: str, remaining: int, version: int) -> None:
         """A claim verdict told us the stock left; a sold-out flag needs no pub/sub. A verdict
@@ -167,6 +185,7 @@ class CampaignViews:
             if state is None:
                 self._states.pop(cid, None)
             else:
+                await add_shards(self._client, state)
                 self._states[cid] = state
                 STOCK_ISSUED.labels(cid).set(state.total)
                 STOCK_REMAINING.labels(cid).set(max(state.remaining, 0))
