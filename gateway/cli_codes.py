@@ -11,7 +11,7 @@ import click
 
 
 def _call(method: str, path: str, body: Any = None) -> Any:
-    from gateway.cli import admin_call  # the CLI's one admin client; imported late: no cycle
+    from gateway.cli_admin import admin_call  # the CLI's one admin client
     from gateway.settings import load_settings
 
     settings = load_settings()

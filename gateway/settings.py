@@ -62,6 +62,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     writer_claim_idle_ms: int = 30_000  # reclaim a dead writer's entries after this long
     writer_name: str = ""  # consumer name; default <host>-<pid>
     writer_metrics_port: int = 0  # a standalone writer serves /metrics here when set
+    writer_metrics_host: str = "127.0.0.1"  # 0.0.0.0 where Prometheus scrapes another host
     fault: str = ""  # test-only fault points: writer_crash_after_commit, skip_device_limit
     stream_retention_s: int = 7 * 24 * 3600  # keep acked events this long for subscribers
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from gateway.cli import admin_call
+from gateway.cli_admin import admin_call
 from gateway.settings import load_settings
 from loadtest.plan import (
     GATEWAY_ENV,

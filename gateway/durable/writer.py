@@ -291,7 +291,7 @@ async def serve_writer(settings: Settings) -> None:
     if settings.writer_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.writer_metrics_port, addr="127.0.0.1")
+        start_http_server(settings.writer_metrics_port, addr=settings.writer_metrics_host)
     store = await open_store_patiently(settings.store_url, stop)
     if store is None:
         return
