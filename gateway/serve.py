@@ -24,8 +24,8 @@ from aiohttp import web
 from gateway.http.adminauth import Listen
 from gateway.http.app import Part, create_app
 from gateway.http.connections import ConnectionGuard, GuardedSite, handler_limits
-from gateway.http.ops import DRAIN
 from gateway.http.peer import PeerResolver
+from gateway.http.problems import DRAIN
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Ops endpoints: liveness, readiness (Redis reachable, scripts loaded; 503 once draining),
-OpenAPI documents; the drain state a worker enters on SIGTERM."""
+OpenAPI documents, /metrics."""
 
 from __future__ import annotations
 
@@ -14,29 +14,10 @@ from gateway.errors import Unavailable
 from gateway.http.adminauth import require_admin
 from gateway.http.context import GATEWAY
 from gateway.http.openapi import admin_document, public_document
+from gateway.http.problems import DRAIN, Drain
 from gateway.schemas import Health, encoder
 
 _OK = encoder.encode(Health("ok"))
-
-
-class Drain:
-    """Started on SIGTERM, before the worker stops listening: `/readyz` answers 503 so load
-    balancers stop sending, and every response closes its connection so keep-alive clients
-    reconnect (elsewhere) instead of finding the socket gone mid-request."""
-
-    def __init__(self) -> None:
-        self.started = False
-
-    def start(self) -> None:
-        self.started = True
-
-
-DRAIN = web.AppKey("drain", Drain)
-
-
-async def close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
-    if request.app[DRAIN].started:
-        response.force_close()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -62,7 +43,6 @@ def add_routes(app: web.Application, *, public: bool = True, admin: bool = True)
     """Liveness and readiness everywhere; the public document and /metrics with the public
     routes, the admin document with the admin routes."""
     app[DRAIN] = Drain()
-    app.on_response_prepare.append(close_when_draining)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if public:

@@ -1,5 +1,6 @@
 """The one place that maps errors to HTTP: problem documents, the request id on every
-response and log line, and a 500 problem (never a stack trace) for the unexpected."""
+response and log line, a 500 problem (never a stack trace) for the unexpected, and closing
+connections once the worker drains."""
 
 from __future__ import annotations
 
@@ -30,6 +31,22 @@ _NAMED = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
+
+
+class Drain:
+    """Started on SIGTERM, before the worker stops listening: `/readyz` answers 503 so load
+    balancers stop sending, and every response closes its connection so keep-alive clients
+    reconnect (elsewhere) instead of finding the socket gone mid-request. (The middleware
+    closes them: a check there costs less than a response-prepare signal per request.)"""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+
+
+DRAIN = web.AppKey("drain", Drain)
 
 
 def problem_response(p: Problem, request_id: str | None = None) -> web.Response:
@@ -123,5 +140,7 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         log.exception("unexpected error request_id=%s %s %s", rid, request.method, request.path)
         resp = problem_response(Problem("An unexpected error occurred"), rid)
     resp.headers["X-Request-Id"] = rid
+    if request.app[DRAIN].started:
+        resp.force_close()
     observe_http(_route(request), resp.status, time.perf_counter() - started)
     return resp
