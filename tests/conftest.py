@@ -4,8 +4,10 @@ plus factories for tests that need their own (to stop Redis, skew a clock, ...).
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import itertools
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,19 @@ import pytest
 from tests.servers import Gateway, RedisServer, create_pg_database, drop_pg_database
 
 _ids = itertools.count(1)
+
+
+@contextmanager
+def client_gc_paused() -> Iterator[None]:
+    """The test process's cyclic collector off while a test times the gateway: over
+    pytest's heap and thousands of requests in flight, one full collection stalls the
+    client's loop for tens of ms, which would show as the gateway's latency."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from tests.conftest import campaign_id, claim, create_campaign
+from tests.conftest import campaign_id, claim, client_gc_paused, create_campaign
 from tests.servers import Gateway, RedisServer, private_stack
 
 HEAD_TIMEOUT_S = 1.5
@@ -231,7 +231,8 @@ async def claim_latencies(http: aiohttp.ClientSession, gw: Gateway, cid: str, pr
             latencies.append(time.perf_counter() - started)
             assert status == 201, body
 
-    await asyncio.gather(*[one(t) for t in tokens])
+    with client_gc_paused():
+        await asyncio.gather(*[one(t) for t in tokens])
     return sorted(latencies)
 
 

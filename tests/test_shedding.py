@@ -4,7 +4,9 @@ overload mode and cancellation safety, on a real event loop with an injected clo
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -117,6 +119,25 @@ async def test_deadline_expiry_sheds_and_frees_the_position() -> None:
     lim.release()
     await late
     assert lim.in_use == 1
+
+
+async def test_a_shed_waiter_leaves_no_reference_cycle() -> None:
+    """Freed by reference counting alone: under overload thousands are shed a second, and
+    cyclic garbage holding their requests would pile up into a collection pausing the
+    worker for tens of ms."""
+    lim = ConcurrencyLimiter(1, queue_max=1, max_wait_s=0.01, target_s=0.01)
+    await lim.acquire()
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            await lim.acquire()
+        except Overloaded as e:
+            shed = weakref.ref(e)
+        await asyncio.sleep(0)  # the loop lets go of the callback that woke this task
+        assert shed() is None
+    finally:
+        gc.enable()
 
 
 async def test_a_waiter_past_its_deadline_never_gets_the_slot() -> None:
