@@ -24,7 +24,9 @@ class ClaimEvent(msgspec.Struct, frozen=True):
     """One grant, version 1. `granted_at` is Redis TIME in ms; `device` and `phone` are
     keyed hashes; `n` is this user's n-th grant in the campaign. Added within v1 (absent
     from older entries, hence empty by default): `region` from the identity token, and
-    `validity`, each coupon's `from/until` in ms in package order, comma-separated."""
+    `validity`, each coupon's `from/until` in ms in package order, comma-separated;
+    `round` (campaigns with rounds: the round of the grant, 0-based) and `code` (campaigns
+    with redemption codes: the keyed hash of the code used)."""
 
     v: int
     claim_id: str
@@ -39,6 +41,8 @@ class ClaimEvent(msgspec.Struct, frozen=True):
     channel: str = ""
     region: str = ""
     validity: str = ""
+    round: int | None = None
+    code: str = ""
 
     def coupon_validity(self) -> list[tuple[int, int]]:
         """`validity` as (valid_from_ms, valid_until_ms) per coupon; empty for old events."""

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from gateway.domain import CampaignSpec, Rounds, SpecError, round_at, round_left, validate_spec
+from gateway.events import decode_event
 from tests.conftest import claim, create_campaign, spec
 from tests.servers import Gateway, RedisServer
 from tests.test_admin import admin, show
@@ -116,6 +117,8 @@ async def test_each_round_grants_exactly_its_stock_under_load(
 
     events = events_by_round(redis_server, cid)
     assert Counter(int(e["round"]) for e in events) == {0: 20, 1: 20, 2: 20}
+    # subscribers see the round typed, as gateway.events decodes it
+    assert Counter(decode_event(e).round for e in events) == {0: 20, 1: 20, 2: 20}
     for e in events:  # each grant in its own round's time
         r = int(e["round"])
         assert starts * 1000 + r * EVERY_S * 1000 - 5 <= int(e["granted_at"])
