@@ -32,14 +32,19 @@ def admin_call(base: str, admin_token: str, method: str, path: str,
             return e.code, raw.decode(errors="replace")
 
 
-def _admin(method: str, path: str, body: Any = None) -> None:
+def admin_request(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One admin API call with the configured URL and token; usage errors for the CLI."""
     settings = load_settings()
     if not settings.admin_token:
         raise click.UsageError("FLASHCLAIM_ADMIN_TOKEN is not set (or run `flashclaim run`)")
     try:
-        status, doc = admin_call(settings.url, settings.admin_token, method, path, body)
+        return admin_call(settings.url, settings.admin_token, method, path, body)
     except (urllib.error.URLError, OSError) as e:
         raise click.ClickException(f"cannot reach {settings.url}: {e}") from None
+
+
+def _admin(method: str, path: str, body: Any = None) -> None:
+    status, doc = admin_request(method, path, body)
     click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
     if status >= 400:
         sys.exit(1)

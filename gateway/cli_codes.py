@@ -11,16 +11,9 @@ import click
 
 
 def _call(method: str, path: str, body: Any = None) -> Any:
-    from gateway.cli_admin import admin_call  # the CLI's one admin client
-    from gateway.settings import load_settings
+    from gateway.cli_admin import admin_request  # the CLI's one admin client
 
-    settings = load_settings()
-    if not settings.admin_token:
-        raise click.UsageError("FLASHCLAIM_ADMIN_TOKEN is not set (or run `flashclaim run`)")
-    try:
-        status, doc = admin_call(settings.url, settings.admin_token, method, path, body)
-    except OSError as e:
-        raise click.ClickException(f"cannot reach {settings.url}: {e}") from None
+    status, doc = admin_request(method, path, body)
     if status >= 400:
         detail = doc.get("detail", doc) if isinstance(doc, dict) else doc
         raise click.ClickException(f"{status}: {detail}")

@@ -37,7 +37,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local m = redis.call('HMGET', meta, 'status', 'starts', 'ends', 'per_user', 'per_device',
   'per_phone', 'per_ip', 'remaining', 'unwritten', 'version', 'adm_rate', 'adm_burst',
-  'adm_tokens', 'adm_ts', 'per_subnet', 'validity')
+  'adm_tokens', 'adm_ts', 'per_subnet', 'validity',
+  -- 17..24 rounds, 25 redemption codes, 26..27 shards: read here, in the one call
+  'r_count', 'r_every', 'r_stock', 'r_carry', 'r_open', 'r_idx', 'r_left', 'per_user_round',
+  'code_miss_max', 'shards', 'shard')
 local out = {now, 0, tonumber(m[10]) or 0}
 
 local function all(code, data)
@@ -74,8 +77,7 @@ end
 -- else it starts afresh and the lapsed units leave `remaining` (counted in `forfeited`).
 local rounds = false
 local round, r_left, r_rolled, next_drop, per_round = 0, 0, false, '', 0
-local r = redis.call('HMGET', meta, 'r_count', 'r_every', 'r_stock', 'r_carry', 'r_open',
-  'r_idx', 'r_left', 'per_user_round')
+local r = {m[17], m[18], m[19], m[20], m[21], m[22], m[23], m[24]}
 local r_count = tonumber(r[1]) or 0
 if r_count > 0 then
   rounds = true
@@ -107,7 +109,7 @@ end
 
 -- ---- redemption codes: one-time codes, wrong guesses counted per user per minute ----------
 -- code_misses holds "minute:count" per user; a new minute starts the count afresh.
-local miss_max = tonumber(redis.call('HGET', meta, 'code_miss_max')) or 0
+local miss_max = tonumber(m[25]) or 0
 local minute = math.floor(now / 60000)
 local function misses(user)
   local v = redis.call('HGET', code_misses, user)
@@ -132,8 +134,8 @@ end
 
 -- shard k of a campaign split in shard_n counts its own grants in meta.seq; claim ids
 -- stay unique per campaign as seq = (local - 1) * shard_n + k + 1 (see lua/lend.lua)
-local shard_n = tonumber(redis.call('HGET', meta, 'shards')) or 1
-local shard_k = tonumber(redis.call('HGET', meta, 'shard')) or 0
+local shard_n = tonumber(m[26]) or 1
+local shard_k = tonumber(m[27]) or 0
 
 local sold_out_now, granted = false, 0
 for i = 0, n - 1 do
