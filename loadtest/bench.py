@@ -120,6 +120,117 @@ def commandstats(r: redis.Redis) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
 
 
+class Stack:
+    """What every measurement here runs against: a private redis-server, `flashclaim serve
+    --workers N` and the hello endpoint served the same way, a file of identity tokens
+    (distinct users) and a sold-out campaign. A context manager: everything stops after."""
+
+    def __init__(self, workers: int, fsync: str = "everysec", n_tokens: int = 300_000) -> None:
+        self.workers, self.fsync, self.n_tokens = workers, fsync, n_tokens
+        self.tmp = Path(tempfile.mkdtemp(prefix="flashclaim-bench-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.embedded = EmbeddedRedis(self.tmp / "redis", appendfsync=fsync)
+        self.tokens = self.tmp / "tokens.txt"
+        self.script = HERE / "wrk" / "claims.lua"
+        self.gbase = self.hbase = self.admin_token = ""
+
+    def __enter__(self) -> Stack:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.embedded.start()
+        self.admin_token, secret = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLASHCLAIM_")},
+               "FLASHCLAIM_REDIS_URL": self.embedded.url,
+               "FLASHCLAIM_ADMIN_TOKEN": self.admin_token,
+               "FLASHCLAIM_IDENTITY_SECRET": secret,
+               "FLASHCLAIM_SIGNING_SECRET": secrets.token_urlsafe(24),
+               "FLASHCLAIM_BACKLOG_MAX": "0", "FLASHCLAIM_VAR_DIR": str(self.tmp / "var"),
+               "FLASHCLAIM_LOG_LEVEL": "WARNING"}
+        gport, hport = free_port(), free_port()
+        log = (self.tmp / "serve.log").open("wb")
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(gport),
+             "--workers", str(self.workers)], env=env, stdout=log, stderr=subprocess.STDOUT))
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "loadtest.hello", str(hport), str(self.workers)], env=env,
+            stdout=log, stderr=subprocess.STDOUT))
+        self.gbase, self.hbase = f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{hport}"
+        wait_http(self.gbase + "/readyz")
+        wait_http(self.hbase + "/hello")
+        click.echo(f"minting {self.n_tokens} identity tokens ...", err=True)
+        with self.tokens.open("w") as f:
+            for i in range(self.n_tokens):
+                f.write(mint_token(secret, f"u{i}", ttl_s=7200) + "\n")
+        self.redis = redis.Redis(unix_socket_path=str(self.embedded.socket),
+                                 decode_responses=True)
+        self.campaign("soldout", stock=1)
+        first = mint_token(secret, "first-buyer")
+        urllib.request.urlopen(urllib.request.Request(
+            self.gbase + "/v1/campaigns/soldout/claims", data=b"{}", method="POST",
+            headers={"Authorization": f"Bearer {first}"}), timeout=5).close()
+
+    def __exit__(self, *_: object) -> None:
+        stop_processes(self.procs)
+        if hasattr(self, "redis"):
+            self.redis.close()
+        self.embedded.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def campaign(self, cid: str, stock: int) -> None:
+        now = dt.datetime.now(dt.UTC)
+        admin(self.gbase, self.admin_token, "/v1/campaigns", {
+            "id": cid, "name": cid, "stock": stock,
+            "starts_at": (now - dt.timedelta(minutes=1)).isoformat(),
+            "ends_at": (now + dt.timedelta(hours=6)).isoformat(),
+            "coupons": [{"kind": "amount_off", "value": 500, "valid_days": 7}]})
+
+    def url(self, phase: str, cid: str = "") -> tuple[str, str]:
+        """(base, path) of a phase: hello, a granting campaign `cid`, or sold out."""
+        if phase == "hello":
+            return self.hbase, "/hello"
+        return self.gbase, f"/v1/campaigns/{cid or 'soldout'}/claims"
+
+    def drive(self, phase: str, duration: int, connections: int, cid: str = "",
+              delay_ms: float = 0.0) -> dict[str, float]:
+        """The same wrk script in every phase (one token per request), so the load
+        generator does the same work per request whatever it drives."""
+        base, path = self.url(phase, cid)
+        args = [str(self.tokens), path] + ([f"{delay_ms:.3f}"] if delay_ms else [])
+        server = self.procs[1 if phase == "hello" else 0].pid
+        cpu = tree_cpu_s(server)
+        out = wrk(base, duration, connections, self.script, args)
+        # the serving processes' CPU per request: steadier than req/s on a shared machine
+        out["server_cpu_us"] = (tree_cpu_s(server) - cpu) * 1e6 / max(out["requests"], 1)
+        return out
+
+    def worker_pids(self) -> list[int]:
+        """The gateway's worker processes (children of the supervisor)."""
+        pid = self.procs[0].pid
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(k) for k in kids
+                if "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_text()]
+
+
+def at_rate(stack: Stack, cid: str, target: float, duration: int,
+            connections: int) -> dict[str, float]:
+    """Latency at a fixed offered rate: each connection waits between its requests (wrk's
+    `delay()`), calibrated by a 3 s run so that wait plus response time gives `target`
+    req/s in all. (wrk times each request from its send, so this is service latency at
+    that rate, not an open-loop arrival process.)"""
+    interval_ms = connections / target * 1000
+    probe = stack.drive("grant", 3, connections, cid, delay_ms=interval_ms)
+    busy_ms = max(0.0, connections / probe["rps"] * 1000 - interval_ms)
+    delay = max(1.0, interval_ms - busy_ms)  # wrk waits whole milliseconds
+    return {**stack.drive("grant", duration, connections, cid, delay_ms=delay),
+            "target_rps": target, "delay_ms": delay}
+
+
 @click.command()
 @click.option("--workers", default=2, show_default=True)
 @click.option("--runs", default=3, show_default=True)
@@ -128,72 +239,31 @@ def commandstats(r: redis.Redis) -> dict[str, int]:
 @click.option("--fsync", default="everysec", show_default=True, type=click.Choice(
     ["always", "everysec"]))
 @click.option("--tokens", "n_tokens", default=300_000, show_default=True)
+@click.option("--at", "at_fraction", default=0.8, show_default=True,
+              help="Also measure granting latency at this fraction of its peak (0: skip).")
 @click.option("--label", default="", help="Name for the results file.")
 def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
-         n_tokens: int, label: str) -> None:
+         n_tokens: int, at_fraction: float, label: str) -> None:
     if shutil.which("wrk") is None:
         raise click.ClickException("wrk is missing (Debian: apt-get install wrk)")
-    tmp = Path(tempfile.mkdtemp(prefix="flashclaim-bench-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    embedded = EmbeddedRedis(tmp / "redis", appendfsync=fsync)
-    embedded.start()
-    try:
-        admin_token, secret = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLASHCLAIM_")},
-               "FLASHCLAIM_REDIS_URL": embedded.url, "FLASHCLAIM_ADMIN_TOKEN": admin_token,
-               "FLASHCLAIM_IDENTITY_SECRET": secret,
-               "FLASHCLAIM_SIGNING_SECRET": secrets.token_urlsafe(24),
-               "FLASHCLAIM_BACKLOG_MAX": "0", "FLASHCLAIM_VAR_DIR": str(tmp / "var"),
-               "FLASHCLAIM_LOG_LEVEL": "WARNING"}
-        gport, hport = free_port(), free_port()
-        log = (tmp / "serve.log").open("wb")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(gport),
-             "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "loadtest.hello", str(hport), str(workers)], env=env,
-            stdout=log, stderr=subprocess.STDOUT))
-        gbase, hbase = f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{hport}"
-        wait_http(gbase + "/readyz")
-        wait_http(hbase + "/hello")
-        click.echo(f"minting {n_tokens} identity tokens ...", err=True)
-        tokens = tmp / "tokens.txt"
-        with tokens.open("w") as f:
-            for i in range(n_tokens):
-                f.write(mint_token(secret, f"u{i}", ttl_s=7200) + "\n")
-        r = redis.Redis(unix_socket_path=str(embedded.socket), decode_responses=True)
-        now = dt.datetime.now(dt.UTC)
-        window = {"starts_at": (now - dt.timedelta(minutes=1)).isoformat(),
-                  "ends_at": (now + dt.timedelta(hours=6)).isoformat(),
-                  "coupons": [{"kind": "amount_off", "value": 500, "valid_days": 7}]}
-        admin(gbase, admin_token, "/v1/campaigns",
-              {"id": "soldout", "name": "sold out", "stock": 1, **window})
-        first = mint_token(secret, "first-buyer")
-        urllib.request.urlopen(urllib.request.Request(
-            gbase + "/v1/campaigns/soldout/claims", data=b"{}", method="POST",
-            headers={"Authorization": f"Bearer {first}"}), timeout=5).close()
-        script = HERE / "wrk" / "claims.lua"
+    with Stack(workers, fsync, n_tokens) as stack:
+        r = stack.redis
         rows: list[dict[str, Any]] = []
         for run in range(runs):
             cid = f"grant-{run}"
-            admin(gbase, admin_token, "/v1/campaigns",
-                  {"id": cid, "name": "granting", "stock": 100_000_000, **window})
+            stack.campaign(cid, stock=100_000_000)
             time.sleep(1.0)
-            # the same wrk script as the claims (one token per request), so the load
-            # generator does the same work per request in every phase
-            hello = wrk(hbase, duration, connections, script, [str(tokens), "/hello"])
+            hello = stack.drive("hello", duration, connections)
             before = commandstats(r)
-            cpu_before = tree_cpu_s(procs[0].pid), redis_main_cpu_s(r)
-            grant = wrk(gbase, duration, connections, script,
-                        [str(tokens), f"/v1/campaigns/{cid}/claims"])
-            gw_cpu = tree_cpu_s(procs[0].pid) - cpu_before[0]
-            redis_cpu = redis_main_cpu_s(r) - cpu_before[1]
+            redis_before = redis_main_cpu_s(r)
+            grant = stack.drive("grant", duration, connections, cid)
+            gw_cpu = grant["server_cpu_us"] * grant["requests"] / 1e6
+            redis_cpu = redis_main_cpu_s(r) - redis_before
             after = commandstats(r)
             granted = int(r.hget(f"fc:{{c:{cid}}}:meta", "seq") or 0)
             evalsha = after.get("evalsha", 0) - before.get("evalsha", 0)
             allcmd = sum(after.values()) - sum(before.values())
-            sold = wrk(gbase, duration, connections, script,
-                       [str(tokens), "/v1/campaigns/soldout/claims"])
+            sold = stack.drive("soldout", duration, connections)
             row = {"run": run, "hello": hello, "grant": grant, "soldout": sold,
                    "granted": granted,
                    "evalsha_per_claim": evalsha / max(grant["requests"], 1),
@@ -203,38 +273,44 @@ def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
                    "redis_cpu_us_per_claim": redis_cpu * 1e6 / max(granted, 1),
                    "grant_ratio": grant["rps"] / hello["rps"],
                    "soldout_ratio": sold["rps"] / hello["rps"]}
+            if at_fraction:
+                row["at_rate"] = at_rate(stack, cid, grant["rps"] * at_fraction, duration,
+                                         connections)
             rows.append(row)
             click.echo(f"run {run}: hello {hello['rps']:.0f}/s  grant {grant['rps']:.0f}/s "
                        f"({row['grant_ratio']:.2f}x, {row['evalsha_per_claim']:.3f} EVALSHA/claim)"
                        f"  sold out {sold['rps']:.0f}/s ({row['soldout_ratio']:.2f}x)", err=True)
-        r.close()
         med = {k: statistics.median(row[k] for row in rows) for k in
                ("grant_ratio", "soldout_ratio", "evalsha_per_claim", "redis_cmds_per_claim",
                 "gateway_cpu_us_per_claim", "redis_cpu_us_per_claim")}
-        for phase in ("hello", "grant", "soldout"):
-            for k in ("rps", "p50_ms", "p99_ms"):
-                med[f"{phase}_{k}"] = statistics.median(row[phase][k] for row in rows)
+        for phase in ("hello", "grant", "soldout", "at_rate"):
+            for k in ("rps", "p50_ms", "p99_ms", "server_cpu_us"):
+                if phase != "at_rate" or at_fraction:
+                    med[f"{phase}_{k}"] = statistics.median(row[phase][k] for row in rows)
         result = {"when": dt.datetime.now(dt.UTC).isoformat(), "workers": workers,
                   "connections": connections, "duration_s": duration, "fsync": fsync,
-                  "command": " ".join(sys.argv), "median": med, "runs": rows}
+                  "at_fraction": at_fraction, "command": " ".join(sys.argv), "median": med,
+                  "runs": rows}
         RESULTS.mkdir(exist_ok=True)
         name = f"bench-{label or dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
         (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-        click.echo(render(med, workers, connections))
+        click.echo(render(med, workers, connections, at_fraction))
         click.echo(f"\nwritten to loadtest/results/{name}")
-    finally:
-        stop_processes(procs)
-        embedded.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def render(m: dict[str, float], workers: int, connections: int) -> str:
+def render(m: dict[str, float], workers: int, connections: int, at_fraction: float) -> str:
     lines = [f"medians, {workers} workers, wrk -t1 -c{connections}",
-             f"{'phase':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x hello':>8}"]
+             f"{'phase':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x hello':>8} "
+             f"{'server CPU us/req':>18}"]
     for phase, ratio in (("hello", 1.0), ("grant", m["grant_ratio"]),
                          ("soldout", m["soldout_ratio"])):
         lines.append(f"{phase:<10} {m[f'{phase}_rps']:>9.0f} {m[f'{phase}_p50_ms']:>8.2f} "
-                     f"{m[f'{phase}_p99_ms']:>8.2f} {ratio:>8.2f}")
+                     f"{m[f'{phase}_p99_ms']:>8.2f} {ratio:>8.2f} "
+                     f"{m[f'{phase}_server_cpu_us']:>18.1f}")
+    if at_fraction:
+        lines.append(f"{'grant@' + format(at_fraction, '.0%'):<10} {m['at_rate_rps']:>9.0f} "
+                     f"{m['at_rate_p50_ms']:>8.2f} {m['at_rate_p99_ms']:>8.2f} "
+                     f"{m['at_rate_rps'] / m['grant_rps']:>8.2f} of granting's peak")
     lines.append(f"Redis EVALSHA per claim: {m['evalsha_per_claim']:.3f}; all Redis commands "
                  f"per claim: {m['redis_cmds_per_claim']:.3f}")
     lines.append(f"CPU per grant: gateway workers {m['gateway_cpu_us_per_claim']:.0f} us "

@@ -1,10 +1,16 @@
--- wrk script: POST to a path, each request with the next identity token from a file
--- usage: wrk -s claims.lua URL -- TOKENS_FILE PATH
+-- wrk script: POST to a path, each request with the next identity token from a file;
+-- with DELAY_MS, each connection waits that long (whole ms) before each request, for a
+-- fixed offered rate. Without it no delay() exists, so wrk sends back to back.
+-- usage: wrk -s claims.lua URL -- TOKENS_FILE PATH [DELAY_MS]
 local tokens, i, path = {}, 0, "/"
 
 init = function(args)
   for line in io.lines(args[1]) do tokens[#tokens + 1] = line end
   path = args[2]
+  if args[3] then
+    local ms = math.floor(tonumber(args[3]) + 0.5)
+    delay = function() return ms end
+  end
 end
 
 request = function()
