@@ -12,14 +12,15 @@ from typing import Literal
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway import metrics
 from gateway.admission.guard import Admission
 from gateway.admission.waitingroom import RoomCache
 from gateway.http import admin, blocklist, claims, codes, ops, page, reports
 from gateway.http.adminauth import ADMIN_AUTH, AdminAuth, admin_tokens
 from gateway.http.context import GATEWAY, Gateway
 from gateway.http.peer import PeerResolver
-from gateway.http.problems import problems_middleware
 from gateway.http.room import RoomRefresher
+from gateway.http.routes import add_fallback
 from gateway.identity import KeyFile, PublicKey, Verifier
 from gateway.redis.batcher import ClaimBatcher
 from gateway.redis.campaigns import CampaignViews
@@ -49,7 +50,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     auth = AdminAuth(admin_tokens(settings))  # no admin token, or a malformed one: no start
     verifier = make_verifier(settings, clock)
     peers = PeerResolver(settings.trusted_proxies)  # a bad CIDR stops start-up here
-    app = web.Application(middlewares=[problems_middleware], client_max_size=256 * 1024)
+    app = web.Application(client_max_size=256 * 1024)  # no middleware: see http/routes.py
     app[ADMIN_AUTH] = auth
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -81,12 +82,16 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         task = asyncio.create_task(views.run())
         refresher = RoomRefresher(client, views, room)
         room_task = asyncio.create_task(refresher.run())
+        flusher = asyncio.create_task(metrics.flush_periodically())
         yield
         refresher.close()
         await room_task
         views.close()
         await batcher.close()
         await task
+        flusher.cancel()  # and flushes what the last requests counted
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
         await scripts.client.aclose()
         await client.aclose()
 
@@ -100,4 +105,5 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         codes.add_routes(app)
     blocklist.setup(app, routes=part != "public")
     ops.add_routes(app, public=part != "admin", admin=part != "public")
+    add_fallback(app)
     return app

@@ -14,7 +14,8 @@ from gateway.errors import Unavailable
 from gateway.http.adminauth import require_admin
 from gateway.http.context import GATEWAY
 from gateway.http.openapi import admin_document, public_document
-from gateway.http.problems import DRAIN, Drain
+from gateway.http.problems import DRAIN
+from gateway.http.routes import Routes
 from gateway.schemas import Health, encoder
 
 _OK = encoder.encode(Health("ok"))
@@ -42,17 +43,23 @@ async def readyz(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, *, public: bool = True, admin: bool = True) -> None:
     """Liveness and readiness everywhere; the public document and /metrics with the public
     routes, the admin document with the admin routes."""
-    app[DRAIN] = Drain()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    r = Routes(app)
+    r.get("/healthz", healthz)
+    r.get("/readyz", readyz)
     if public:
         public_doc = encoder.encode(public_document())
 
         async def openapi(request: web.Request) -> web.Response:
             return web.Response(body=public_doc, content_type="application/json")
 
-        app.router.add_get("/openapi.json", openapi)
-        app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry()))
+        r.get("/openapi.json", openapi)
+        exposition = make_aiohttp_handler(metrics.registry())
+
+        async def metrics_page(request: web.Request) -> web.StreamResponse:
+            metrics.flush()  # this worker's counts up to now; the others' up to FLUSH_S ago
+            return await exposition(request)
+
+        r.get("/metrics", metrics_page)
     if admin:
         admin_doc = encoder.encode(admin_document())
 
@@ -60,4 +67,4 @@ def add_routes(app: web.Application, *, public: bool = True, admin: bool = True)
             require_admin(request, "read")
             return web.Response(body=admin_doc, content_type="application/json")
 
-        app.router.add_get("/openapi-admin.json", openapi_admin)
+        r.get("/openapi-admin.json", openapi_admin)

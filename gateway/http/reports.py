@@ -15,6 +15,7 @@ from gateway.domain import to_ms
 from gateway.durable.store import Store, StoreError, open_store
 from gateway.http.admin import fresh_state
 from gateway.http.adminauth import require_admin
+from gateway.http.routes import Routes
 from gateway.redis.keys import CampaignKeys
 from gateway.reports import Live, build_report, claim_answers, render_csv
 from gateway.schemas import encoder
@@ -51,7 +52,9 @@ STORE = web.AppKey("report_store", StoreHandle)
 
 
 def answers_counted(campaign_id: str) -> dict[str, int]:
-    """flashclaim_claims_total of one campaign, summed over every worker of this gateway."""
+    """flashclaim_claims_total of one campaign, summed over every worker of this gateway
+    (this worker's answers up to now, the others' as of their last flush: metrics.FLUSH_S)."""
+    metrics.flush()
     samples = [
         (s.labels, s.value)
         for family in metrics.registry().collect()
@@ -103,4 +106,4 @@ def add_routes(app: web.Application, settings: Settings) -> None:
         await handle.close()
 
     app.on_cleanup.append(close)
-    app.router.add_get("/v1/campaigns/{id}/report", report)
+    Routes(app).get("/v1/campaigns/{id}/report", report)
