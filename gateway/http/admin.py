@@ -33,6 +33,7 @@ from gateway.http.audit import campaign_target, record
 from gateway.http.body import decode, read_capped
 from gateway.http.context import Gateway
 from gateway.http.problems import decode_error
+from gateway.http.routes import Routes
 from gateway.redis.campaigns import CampaignState, add_shards, parse_meta
 from gateway.redis.keys import CAMPAIGNS, CHANGES, CampaignKeys
 from gateway.redis.shards import shard_fields, split
@@ -352,14 +353,14 @@ async def top_claimants(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/v1/campaigns", create_campaign)
-    r.add_get("/v1/campaigns", list_campaigns)
-    r.add_get("/v1/campaigns/{id}", show_campaign)
-    r.add_post("/v1/campaigns/{id}/pause", pause)
-    r.add_post("/v1/campaigns/{id}/resume", resume)
-    r.add_post("/v1/campaigns/{id}/end", end)
-    r.add_post("/v1/campaigns/{id}/restock", restock)
-    r.add_patch("/v1/campaigns/{id}", patch_campaign)
-    r.add_put("/v1/campaigns/{id}/admission", set_admission)
-    r.add_get("/v1/campaigns/{id}/top", top_claimants)
+    r = Routes(app)
+    r.post("/v1/campaigns", create_campaign)
+    r.get("/v1/campaigns", list_campaigns)
+    r.get("/v1/campaigns/{id}", show_campaign)
+    r.post("/v1/campaigns/{id}/pause", pause)
+    r.post("/v1/campaigns/{id}/resume", resume)
+    r.post("/v1/campaigns/{id}/end", end)
+    r.post("/v1/campaigns/{id}/restock", restock)
+    r.patch("/v1/campaigns/{id}", patch_campaign)
+    r.put("/v1/campaigns/{id}/admission", set_admission)
+    r.get("/v1/campaigns/{id}/top", top_claimants)

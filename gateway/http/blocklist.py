@@ -19,6 +19,7 @@ from gateway.http.adminauth import require_admin
 from gateway.http.audit import record
 from gateway.http.body import decode, read_capped
 from gateway.http.context import GATEWAY
+from gateway.http.routes import Routes
 from gateway.redis import blocklist
 from gateway.redis.blocklist import KINDS, BlocklistView, Kind, normalize_ip
 from gateway.schemas import BlockEntry, BlockList, block_decoder
@@ -127,7 +128,7 @@ def setup(app: web.Application, *, routes: bool = True) -> None:
     app.cleanup_ctx.append(view)
     if not routes:
         return
-    r = app.router
-    r.add_get("/v1/blocks/{kind}", list_blocks)
-    r.add_post("/v1/blocks/{kind}", add_block)
-    r.add_delete("/v1/blocks/{kind}", remove_block)
+    r = Routes(app)
+    r.get("/v1/blocks/{kind}", list_blocks)
+    r.post("/v1/blocks/{kind}", add_block)
+    r.delete("/v1/blocks/{kind}", remove_block)

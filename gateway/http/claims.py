@@ -31,6 +31,7 @@ from gateway.http.context import GATEWAY, Gateway
 from gateway.http.peer import subnet
 from gateway.http.problems import shared_problem_response
 from gateway.http.room import uses_room
+from gateway.http.routes import Routes
 from gateway.metrics import count_claim
 from gateway.redeem import code_hash
 from gateway.redis.batcher import Verdict, redis_unavailable
@@ -56,16 +57,34 @@ def campaign_wide(state: CampaignState, now_ms: int | None) -> Problem | None:
     cid = state.id
     past_end = now_ms is not None and now_ms >= state.ends_ms + WINDOW_MARGIN_MS
     if state.status == "ended" or past_end:
-        return errors.Ended(f"Campaign {cid} has ended")
-    if state.sold_out:
-        return errors.SoldOut(f"Campaign {cid} is sold out")
+        return fixed_answer(cid, errors.Ended)
+    if state.remaining <= 0:  # state.sold_out
+        return fixed_answer(cid, errors.SoldOut)
     if state.status == "paused":
-        return errors.Paused(f"Campaign {cid} is paused", retry_after=5)
+        return fixed_answer(cid, errors.Paused)
     if now_ms is not None and now_ms < state.starts_ms - WINDOW_MARGIN_MS and not uses_room(state):
         return not_started(cid, state.starts_ms, now_ms)
     if state.spec.rounds is not None and now_ms is not None and now_ms >= state.starts_ms:
         return between_rounds(state, state.spec.rounds, now_ms)
     return None
+
+
+_FIXED = {errors.Ended: ("Campaign {} has ended", None),
+          errors.SoldOut: ("Campaign {} is sold out", None),
+          errors.Paused: ("Campaign {} is paused", 5)}
+_fixed: dict[tuple[str, type[Problem]], Problem] = {}
+
+
+def fixed_answer(cid: str, kind: type[Problem]) -> Problem:
+    """Ended, sold out, paused: the same problem for every caller, made once per campaign
+    (a release's sold-out wave asks for it tens of thousands of times a second)."""
+    p = _fixed.get((cid, kind))
+    if p is None:
+        if len(_fixed) > 10_000:
+            _fixed.clear()
+        detail, retry_after = _FIXED[kind]
+        p = _fixed[(cid, kind)] = kind(detail.format(cid), retry_after=retry_after)
+    return p
 
 
 def between_rounds(state: CampaignState, rounds: Rounds, now_ms: int) -> Problem | None:
@@ -337,5 +356,6 @@ async def my_claims(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/campaigns/{id}/claims", post_claim)
-    app.router.add_get("/v1/campaigns/{id}/claims/mine", my_claims)
+    r = Routes(app)
+    r.post("/v1/campaigns/{id}/claims", post_claim)
+    r.get("/v1/campaigns/{id}/claims/mine", my_claims)

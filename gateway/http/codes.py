@@ -13,6 +13,7 @@ from gateway.http.admin import fresh_state, json_response
 from gateway.http.adminauth import require_admin
 from gateway.http.audit import campaign_target, record
 from gateway.http.body import decode, read_capped
+from gateway.http.routes import Routes
 from gateway.redeem import code_hash, new_redemption_code, normalize_code
 from gateway.redis.keys import CampaignKeys
 from gateway.schemas import CodesAdded, CodesInfo, codes_decoder
@@ -73,5 +74,6 @@ async def count_codes(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/campaigns/{id}/codes", add_codes)
-    app.router.add_get("/v1/campaigns/{id}/codes", count_codes)
+    r = Routes(app)
+    r.post("/v1/campaigns/{id}/codes", add_codes)
+    r.get("/v1/campaigns/{id}/codes", count_codes)

@@ -12,6 +12,8 @@ from importlib import resources
 
 from aiohttp import web
 
+from gateway.http.routes import Routes
+
 
 def _hashes(html: str, tag: str) -> str:
     bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
@@ -38,4 +40,4 @@ def add_routes(app: web.Application) -> None:
         return web.Response(body=body, content_type="text/html", charset="utf-8",
                             headers=headers)
 
-    app.router.add_get("/admin", admin_page)
+    Routes(app).get("/admin", admin_page)
