@@ -125,8 +125,10 @@ class Stack:
     --workers N` and the hello endpoint served the same way, a file of identity tokens
     (distinct users) and a sold-out campaign. A context manager: everything stops after."""
 
-    def __init__(self, workers: int, fsync: str = "everysec", n_tokens: int = 300_000) -> None:
+    def __init__(self, workers: int, fsync: str = "everysec", n_tokens: int = 300_000,
+                 baseline: str = "") -> None:
         self.workers, self.fsync, self.n_tokens = workers, fsync, n_tokens
+        self.baseline = baseline  # a git revision: its gateway too, served the same way
         self.tmp = Path(tempfile.mkdtemp(prefix="flashclaim-bench-"))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.embedded = EmbeddedRedis(self.tmp / "redis", appendfsync=fsync)
@@ -161,7 +163,11 @@ class Stack:
             [sys.executable, "-m", "loadtest.hello", str(hport), str(self.workers)], env=env,
             stdout=log, stderr=subprocess.STDOUT))
         self.gbase, self.hbase = f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{hport}"
-        wait_http(self.gbase + "/readyz")
+        self.bases = {"new": self.gbase}
+        if self.baseline:
+            self.procs.append(self._start_baseline(env, log))
+        for base in self.bases.values():
+            wait_http(base + "/readyz")
         wait_http(self.hbase + "/hello")
         click.echo(f"minting {self.n_tokens} identity tokens ...", err=True)
         with self.tokens.open("w") as f:
@@ -174,6 +180,21 @@ class Stack:
         urllib.request.urlopen(urllib.request.Request(
             self.gbase + "/v1/campaigns/soldout/claims", data=b"{}", method="POST",
             headers={"Authorization": f"Bearer {first}"}), timeout=5).close()
+
+    def _start_baseline(self, env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
+        """The gateway of another revision (its files from `git archive`), on the same Redis
+        with its own campaigns, run by the same interpreter and packages."""
+        src = self.tmp / "baseline"
+        src.mkdir()
+        archive = subprocess.run(["git", "archive", self.baseline], cwd=HERE.parent,
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        port = free_port()
+        self.bases["old"] = f"http://127.0.0.1:{port}"
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
+             "--workers", str(self.workers)], cwd=src, stdout=log, stderr=subprocess.STDOUT,
+            env={**env, "PYTHONPATH": str(src), "FLASHCLAIM_VAR_DIR": str(self.tmp / "var-old")})
 
     def __exit__(self, *_: object) -> None:
         stop_processes(self.procs)
@@ -190,23 +211,24 @@ class Stack:
             "ends_at": (now + dt.timedelta(hours=6)).isoformat(),
             "coupons": [{"kind": "amount_off", "value": 500, "valid_days": 7}]})
 
-    def url(self, phase: str, cid: str = "") -> tuple[str, str]:
+    def url(self, phase: str, cid: str = "", server: str = "new") -> tuple[str, str]:
         """(base, path) of a phase: hello, a granting campaign `cid`, or sold out."""
         if phase == "hello":
             return self.hbase, "/hello"
-        return self.gbase, f"/v1/campaigns/{cid or 'soldout'}/claims"
+        return self.bases[server], f"/v1/campaigns/{cid or 'soldout'}/claims"
 
     def drive(self, phase: str, duration: int, connections: int, cid: str = "",
-              delay_ms: float = 0.0) -> dict[str, float]:
+              delay_ms: float = 0.0, server: str = "new") -> dict[str, float]:
         """The same wrk script in every phase (one token per request), so the load
         generator does the same work per request whatever it drives."""
-        base, path = self.url(phase, cid)
+        base, path = self.url(phase, cid, server)
         args = [str(self.tokens), path] + ([f"{delay_ms:.3f}"] if delay_ms else [])
-        server = self.procs[1 if phase == "hello" else 0].pid
-        cpu = tree_cpu_s(server)
+        proc = 1 if phase == "hello" else 2 if server == "old" else 0
+        server_pid = self.procs[proc].pid
+        cpu = tree_cpu_s(server_pid)
         out = wrk(base, duration, connections, self.script, args)
         # the serving processes' CPU per request: steadier than req/s on a shared machine
-        out["server_cpu_us"] = (tree_cpu_s(server) - cpu) * 1e6 / max(out["requests"], 1)
+        out["server_cpu_us"] = (tree_cpu_s(server_pid) - cpu) * 1e6 / max(out["requests"], 1)
         return out
 
     def worker_pids(self) -> list[int]:
@@ -241,12 +263,14 @@ def at_rate(stack: Stack, cid: str, target: float, duration: int,
 @click.option("--tokens", "n_tokens", default=300_000, show_default=True)
 @click.option("--at", "at_fraction", default=0.8, show_default=True,
               help="Also measure granting latency at this fraction of its peak (0: skip).")
+@click.option("--baseline", default="", metavar="REV",
+              help="Also drive the gateway of this git revision, in the same runs (new vs old).")
 @click.option("--label", default="", help="Name for the results file.")
 def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
-         n_tokens: int, at_fraction: float, label: str) -> None:
+         n_tokens: int, at_fraction: float, baseline: str, label: str) -> None:
     if shutil.which("wrk") is None:
         raise click.ClickException("wrk is missing (Debian: apt-get install wrk)")
-    with Stack(workers, fsync, n_tokens) as stack:
+    with Stack(workers, fsync, n_tokens, baseline) as stack:
         r = stack.redis
         rows: list[dict[str, Any]] = []
         for run in range(runs):
@@ -276,6 +300,16 @@ def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
             if at_fraction:
                 row["at_rate"] = at_rate(stack, cid, grant["rps"] * at_fraction, duration,
                                          connections)
+            if baseline:
+                stack.campaign(f"{cid}-old", stock=100_000_000)
+                row["old_grant"] = stack.drive("grant", duration, connections, f"{cid}-old",
+                                               server="old")
+                row["old_soldout"] = stack.drive("soldout", duration, connections,
+                                                 server="old")
+                row["grant_vs_old"] = grant["rps"] / row["old_grant"]["rps"]
+                row["soldout_vs_old"] = sold["rps"] / row["old_soldout"]["rps"]
+                row["old_grant_ratio"] = row["old_grant"]["rps"] / hello["rps"]
+                row["old_soldout_ratio"] = row["old_soldout"]["rps"] / hello["rps"]
             rows.append(row)
             click.echo(f"run {run}: hello {hello['rps']:.0f}/s  grant {grant['rps']:.0f}/s "
                        f"({row['grant_ratio']:.2f}x, {row['evalsha_per_claim']:.3f} EVALSHA/claim)"
@@ -283,27 +317,35 @@ def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
         med = {k: statistics.median(row[k] for row in rows) for k in
                ("grant_ratio", "soldout_ratio", "evalsha_per_claim", "redis_cmds_per_claim",
                 "gateway_cpu_us_per_claim", "redis_cpu_us_per_claim")}
-        for phase in ("hello", "grant", "soldout", "at_rate"):
+        phases = ["hello", "grant", "soldout"] + (["at_rate"] if at_fraction else [])
+        if baseline:
+            phases += ["old_grant", "old_soldout"]
+            for k in ("grant_vs_old", "soldout_vs_old", "old_grant_ratio", "old_soldout_ratio"):
+                med[k] = statistics.median(row[k] for row in rows)
+        for phase in phases:
             for k in ("rps", "p50_ms", "p99_ms", "server_cpu_us"):
-                if phase != "at_rate" or at_fraction:
-                    med[f"{phase}_{k}"] = statistics.median(row[phase][k] for row in rows)
+                med[f"{phase}_{k}"] = statistics.median(row[phase][k] for row in rows)
         result = {"when": dt.datetime.now(dt.UTC).isoformat(), "workers": workers,
                   "connections": connections, "duration_s": duration, "fsync": fsync,
-                  "at_fraction": at_fraction, "command": " ".join(sys.argv), "median": med,
+                  "at_fraction": at_fraction, "baseline": baseline,
+                  "command": " ".join(sys.argv), "median": med,
                   "runs": rows}
         RESULTS.mkdir(exist_ok=True)
         name = f"bench-{label or dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
         (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-        click.echo(render(med, workers, connections, at_fraction))
+        click.echo(render(med, workers, connections, at_fraction, baseline))
         click.echo(f"\nwritten to loadtest/results/{name}")
 
 
-def render(m: dict[str, float], workers: int, connections: int, at_fraction: float) -> str:
+def render(m: dict[str, float], workers: int, connections: int, at_fraction: float,
+           baseline: str = "") -> str:
     lines = [f"medians, {workers} workers, wrk -t1 -c{connections}",
              f"{'phase':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x hello':>8} "
              f"{'server CPU us/req':>18}"]
-    for phase, ratio in (("hello", 1.0), ("grant", m["grant_ratio"]),
-                         ("soldout", m["soldout_ratio"])):
+    rows = [("hello", 1.0), ("grant", m["grant_ratio"]), ("soldout", m["soldout_ratio"])]
+    if baseline:
+        rows += [("old_grant", m["old_grant_ratio"]), ("old_soldout", m["old_soldout_ratio"])]
+    for phase, ratio in rows:
         lines.append(f"{phase:<10} {m[f'{phase}_rps']:>9.0f} {m[f'{phase}_p50_ms']:>8.2f} "
                      f"{m[f'{phase}_p99_ms']:>8.2f} {ratio:>8.2f} "
                      f"{m[f'{phase}_server_cpu_us']:>18.1f}")
@@ -311,6 +353,9 @@ def render(m: dict[str, float], workers: int, connections: int, at_fraction: flo
         lines.append(f"{'grant@' + format(at_fraction, '.0%'):<10} {m['at_rate_rps']:>9.0f} "
                      f"{m['at_rate_p50_ms']:>8.2f} {m['at_rate_p99_ms']:>8.2f} "
                      f"{m['at_rate_rps'] / m['grant_rps']:>8.2f} of granting's peak")
+    if baseline:
+        lines.append(f"new vs {baseline} (same runs): granting {m['grant_vs_old']:.3f}x, "
+                     f"sold out {m['soldout_vs_old']:.3f}x")
     lines.append(f"Redis EVALSHA per claim: {m['evalsha_per_claim']:.3f}; all Redis commands "
                  f"per claim: {m['redis_cmds_per_claim']:.3f}")
     lines.append(f"CPU per grant: gateway workers {m['gateway_cpu_us_per_claim']:.0f} us "
