@@ -370,9 +370,10 @@ class Identity(Struct, frozen=True):
 def ineligibility(spec: CampaignSpec, who: Identity, channel: str | None) -> str | None:
     """Why `who` may not claim in this campaign, or None when they may."""
     el = spec.eligibility
-    missing = [t for t in el.require_tags if t not in who.tags]
-    if missing:
-        return f"requires tags: {', '.join(missing)}"
+    if el.require_tags:
+        missing = [t for t in el.require_tags if t not in who.tags]
+        if missing:
+            return f"requires tags: {', '.join(missing)}"
     if el.regions and who.region not in el.regions:
         return "not available in your region"
     if el.channels and channel not in el.channels:

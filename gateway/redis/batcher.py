@@ -74,12 +74,11 @@ class ClaimBatcher:
         self, campaign_id: str, claim: ClaimArgs, *, shared: bool = False
     ) -> asyncio.Future[Verdict]:
         """The verdict for `claim`; with `shared`, identical claims may join it meanwhile
-        (`in_flight`), and the caller answers them as a second claim would be answered."""
+        (`in_flight`), and the caller answers them as a second claim would be answered.
+        (The entry goes when the verdict is set: `_settle`.)"""
         fut = self._submit(campaign_id, claim)
-        if shared:
-            key = (campaign_id, claim)
-            self._inflight[key] = fut
-            fut.add_done_callback(lambda _: self._inflight.pop(key, None))
+        if shared and not fut.done():
+            self._inflight[(campaign_id, claim)] = fut
         return fut
 
     def _submit(self, campaign_id: str, claim: ClaimArgs) -> asyncio.Future[Verdict]:
@@ -129,14 +128,15 @@ class ClaimBatcher:
                 log.error("claim script error for %s: %r", campaign_id, e)
             else:
                 log.warning("claim batch for %s failed: %r", campaign_id, e)
-            self._fail(items, redis_unavailable())
+            self._settle(campaign_id, items, [redis_unavailable()] * len(items))
             if isinstance(e, ConnectionError | OSError):
                 # Redis went away: its other pooled connections are dead too
                 await drop_idle(self._scripts.client)
             return
         except BaseException:
             log.exception("claim batch for %s failed unexpectedly", campaign_id)
-            self._fail(items, Problem("The claim could not be decided"))
+            self._settle(campaign_id, items,
+                         [Problem("The claim could not be decided")] * len(items))
             raise
         self._health.ok()
         REDIS_ROUNDTRIP.observe(time.perf_counter() - started)
@@ -144,7 +144,15 @@ class ClaimBatcher:
         results: list[Verdict | Exception] = list(verdicts)
         if any(v.outcome == Outcome.SOLD_OUT for v in verdicts) and shards > 1:
             results = await self._rescue(campaign_id, shard, shards, claims, verdicts)
-        for (_, fut), result in zip(items, results, strict=True):
+        self._settle(campaign_id, items, results)
+
+    def _settle(self, campaign_id: str, items: list[Item],
+                results: Sequence[Verdict | Exception]) -> None:
+        """Every waiting claim gets its answer, and leaves the in-flight table."""
+        inflight = self._inflight
+        for (claim, fut), result in zip(items, results, strict=True):
+            if inflight and inflight.get((campaign_id, claim)) is fut:
+                del inflight[(campaign_id, claim)]
             if fut.done():
                 continue
             if isinstance(result, Exception):
@@ -200,13 +208,6 @@ class ClaimBatcher:
         self._recovered[campaign_id] = now
         if await self._mover.recover(campaign_id, shards):
             log.warning("finished stock transfers of %s left by a crashed mover", campaign_id)
-
-    @staticmethod
-    def _fail(items: list[Item], e: Exception) -> None:
-        """Every waiting claim gets an answer, whatever happened to its batch."""
-        for _, fut in items:
-            if not fut.done():
-                fut.set_exception(e)
 
     async def close(self) -> None:
         if self._tasks:
