@@ -231,9 +231,9 @@ class Stack:
         out["server_cpu_us"] = (tree_cpu_s(server_pid) - cpu) * 1e6 / max(out["requests"], 1)
         return out
 
-    def worker_pids(self) -> list[int]:
-        """The gateway's worker processes (children of the supervisor)."""
-        pid = self.procs[0].pid
+    def worker_pids(self, hello: bool = False) -> list[int]:
+        """The gateway's worker processes (children of the supervisor), or hello's."""
+        pid = self.procs[1 if hello else 0].pid
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return [int(k) for k in kids
                 if "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_text()]

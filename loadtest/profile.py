@@ -1,7 +1,7 @@
 """Where a worker's time goes under load: the benchmark's stack (loadtest/bench.py), one phase
-driven by wrk, and py-spy sampling one gateway worker meanwhile. Prints the functions by
-own time and the project's functions by total time; keeps the raw stacks (flamegraph.pl /
-speedscope read them) under loadtest/reports/profile-<phase>.txt.
+driven by wrk, and py-spy sampling one gateway worker (or hello process) meanwhile. Prints
+own time by package and by function, and the project's functions by total time; keeps the
+raw stacks (flamegraph.pl / speedscope read them) in loadtest/reports/profile-<phase>.txt.
 
     .venv/bin/python -m loadtest.profile --phase grant --duration 15
 """
@@ -61,7 +61,7 @@ def table(title: str, counts: collections.Counter[str], samples: int, top: int,
 
 
 @click.command()
-@click.option("--phase", type=click.Choice(["grant", "soldout"]), default="grant",
+@click.option("--phase", type=click.Choice(["grant", "soldout", "hello"]), default="grant",
               show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--duration", default=15, show_default=True)
@@ -84,7 +84,8 @@ def main(phase: str, workers: int, duration: int, connections: int, top: int,
         load = threading.Thread(target=stack.drive, args=(phase, duration + 2, connections, cid))
         load.start()
         time.sleep(1.0)
-        cmd = [spy, "record", "--pid", str(stack.worker_pids()[0]), "--duration",
+        pid = stack.worker_pids(hello=phase == "hello")[0]
+        cmd = [spy, "record", "--pid", str(pid), "--duration",
                str(duration), "--rate", "250", "--format", "raw", "--output", str(raw),
                "--nonblocking", "--function"] + (["--idle"] if idle else [])
         subprocess.run(cmd, check=True, capture_output=True)

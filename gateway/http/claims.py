@@ -263,10 +263,18 @@ async def campaign(gw: Gateway, cid: str) -> CampaignState:
 
 
 async def post_claim(request: web.Request) -> web.Response:
-    """Counts every answer in flashclaim_claims_total{campaign, outcome}."""
+    """Counts every answer in flashclaim_claims_total{campaign, outcome}. A campaign-wide
+    answer (sold out, ended, paused) is given right here, from memory: the bulk of a
+    release's requests."""
     cid = request.match_info["id"]
+    gw = request.app[GATEWAY]
+    state = gw.views.cached(cid)
+    early = None if state is None else campaign_wide(state, gw.views.redis_now_ms())
+    if early is not None and not isinstance(early, errors.NotStarted):
+        count_claim(cid, early.code)
+        return shared_problem_response(early, cid)
     try:
-        resp = await _claim(request, cid)
+        resp = await _claim(request, gw, cid, state, early)
     except errors.NotFound:
         count_claim("_unknown", errors.NotFound.code)  # ids from outside: no label per id
         raise
@@ -283,16 +291,17 @@ async def post_claim(request: web.Request) -> web.Response:
     return resp
 
 
-async def _claim(request: web.Request, cid: str) -> web.Response:
-    gw = request.app[GATEWAY]
-    state = gw.views.cached(cid) or await campaign(gw, cid)
-    early = campaign_wide(state, gw.views.redis_now_ms())
+async def _claim(request: web.Request, gw: Gateway, cid: str, state: CampaignState | None,
+                 early: Problem | None) -> web.Response:
+    if state is None:  # not in this worker's view yet
+        state = await campaign(gw, cid)
+        early = campaign_wide(state, gw.views.redis_now_ms())
+        if early is not None and not isinstance(early, errors.NotStarted):
+            resp = shared_problem_response(early, cid)
+            resp["code"] = early.code
+            return resp
     if early is not None:
-        if isinstance(early, errors.NotStarted):
-            raise early  # its Retry-After and detail count down
-        resp = shared_problem_response(early, cid)
-        resp["code"] = early.code
-        return resp
+        raise early  # not started: its Retry-After and detail count down
     who = gw.verifier.verify(request.headers.get("Authorization"))
     body = await read_capped(request, gw.settings.claim_body_max)
     req = decode(claim_request_decoder, body, empty=_EMPTY)
