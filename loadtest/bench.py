@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import re
 import secrets
@@ -242,13 +243,16 @@ class Stack:
 def at_rate(stack: Stack, cid: str, target: float, duration: int,
             connections: int) -> dict[str, float]:
     """Latency at a fixed offered rate: each connection waits between its requests (wrk's
-    `delay()`), calibrated by a 3 s run so that wait plus response time gives `target`
-    req/s in all. (wrk times each request from its send, so this is service latency at
-    that rate, not an open-loop arrival process.)"""
+    `delay()`, whole milliseconds), the wait found by two 3 s probes so that wait plus
+    response time gives `target` req/s in all — rounded down, so the rate lands at or a
+    little above the target. (wrk times each request from its send, so this is service
+    latency at that rate, not an open-loop arrival process.)"""
     interval_ms = connections / target * 1000
-    probe = stack.drive("grant", 3, connections, cid, delay_ms=interval_ms)
-    busy_ms = max(0.0, connections / probe["rps"] * 1000 - interval_ms)
-    delay = max(1.0, interval_ms - busy_ms)  # wrk waits whole milliseconds
+    delay = math.floor(interval_ms)
+    for _ in range(2):
+        probe = stack.drive("grant", 3, connections, cid, delay_ms=delay)
+        busy_ms = max(0.0, connections / probe["rps"] * 1000 - delay)
+        delay = max(1, math.floor(interval_ms - busy_ms))
     return {**stack.drive("grant", duration, connections, cid, delay_ms=delay),
             "target_rps": target, "delay_ms": delay}
 
