@@ -1,7 +1,8 @@
 """Every metric, declared once. prometheus-client in multiprocess mode when the CLI has set
 PROMETHEUS_MULTIPROC_DIR (serve/run with several workers), so `/metrics` on any worker
-answers for all of them. Labels stay low-cardinality: campaign, outcome, route, status —
-never a user id or an address."""
+answers for all of them; the per-request ones are counted in memory and flushed each second
+(`flush`). Labels stay low-cardinality: campaign, outcome, route, status — never a user id
+or an address."""
 
 from __future__ import annotations
 
