@@ -185,6 +185,16 @@ class Verifier:
         self._cache[token] = (identity, exp)
         return identity
 
+    def known(self, authorization: str | None) -> Identity | None:
+        """The identity behind a token this worker verified lately and still trusts, with
+        nothing verified now; None for any other token."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        if self._key_file is not None:
+            self._reload_keys()
+        hit = self._cache.get(authorization[7:].strip())
+        return hit[0] if hit is not None and hit[1] > self._clock() else None
+
     def _key_for(self, token: str) -> tuple[Any, str]:
         segment = token.partition(".")[0]
         found = self._header_keys.get(segment)

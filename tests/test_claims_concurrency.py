@@ -293,3 +293,35 @@ async def test_restock_reopens_every_worker_then_sells_out_again(
     assert (meta["remaining"], meta["seq"], meta["total"], length) == ("0", "40", "40", 40)
     assert Counter(e["user_id"] for e in events).most_common(1)[0][1] == 1
     assert {e["user_id"] for e in events[30:]} == set(mine)
+
+
+async def test_a_winner_asking_again_once_sold_out_hears_limit_reached(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """An authenticated caller's limit outranks sold out where the worker knows it: the
+    worker that granted a user, and verified their token, names the claim; another worker
+    answers the campaign-wide sold out."""
+    c = await create_campaign(http, gateway, stock=gateway.workers)
+    cid = c["id"]
+    async with pinned_sessions(gateway) as sessions:
+        tokens = {w: gateway.token(f"winner-{w}") for w in sessions}
+        grants = {}
+        for w, s in sessions.items():
+            status, body, headers = await claim(s, gateway, cid, tokens[w])
+            assert (status, worker_of(headers)) == (201, w), body
+            grants[w] = body["claim_id"]
+        deadline = time.monotonic() + 2
+        while True:  # every worker learns of the sell-out (a verdict, or the pub/sub news)
+            strangers = await claim_on(gateway, sessions, cid, f"late-{time.monotonic()}")
+            if all(a.status == 410 for a in strangers.values()):
+                break
+            assert time.monotonic() < deadline, strangers
+            await asyncio.sleep(0.05)
+        workers = list(sessions)
+        for w, s in sessions.items():
+            status, body, _ = await claim(s, gateway, cid, tokens[w])
+            assert (status, body["code"], body["limit"], body["claims"]) == (
+                409, "limit_reached", "user", [grants[w]]), body
+            other = tokens[workers[(workers.index(w) + 1) % len(workers)]]
+            status, body, _ = await claim(s, gateway, cid, other)
+            assert (status, body["code"]) == (410, "sold_out"), body

@@ -158,8 +158,8 @@ def parse_records(records: str) -> list[tuple[int, int]]:
     return out
 
 
-def grant_response(gw: Gateway, spec: CampaignSpec, user_id: str, record: str) -> web.Response:
-    seq, ms = parse_records(record)[0]
+def grant_response(gw: Gateway, spec: CampaignSpec, user_id: str, seq: int,
+                   ms: int) -> web.Response:
     grant = build_grant(gw.settings.signing_key, spec, user_id, seq, ms)
     return web.Response(body=encoder.encode(grant), status=201, content_type="application/json")
 
@@ -169,11 +169,16 @@ def answer(gw: Gateway, state: CampaignState, user_id: str, v: Verdict) -> web.R
     gw.views.observe_remaining(cid, v.remaining, v.version)
     match v.outcome:
         case Outcome.GRANTED | Outcome.REPLAYED:
-            return grant_response(gw, state.spec, user_id, v.data)
+            seq, ms = parse_records(v.data)[0]
+            gw.winners.granted(cid, user_id, seq)
+            return grant_response(gw, state.spec, user_id, seq, ms)
         case (Outcome.LIMIT_USER | Outcome.LIMIT_DEVICE | Outcome.LIMIT_PHONE | Outcome.LIMIT_IP
               | Outcome.LIMIT_SUBNET):
             kind = LIMIT_KIND[v.outcome]
-            ids = [claim_id(cid, seq) for seq, _ in parse_records(v.data)]
+            seqs = tuple(seq for seq, _ in parse_records(v.data))
+            if v.outcome == Outcome.LIMIT_USER:
+                gw.winners.holds(cid, user_id, seqs)
+            ids = [claim_id(cid, seq) for seq in seqs]
             raise errors.LimitReached(
                 f"The {kind} limit of campaign {cid} is reached", claims=ids, limit=kind
             )
@@ -271,6 +276,11 @@ async def post_claim(request: web.Request) -> web.Response:
     state = gw.views.cached(cid)
     early = None if state is None else campaign_wide(state, gw.views.redis_now_ms())
     if early is not None and not isinstance(early, errors.NotStarted):
+        if state is not None and early.code == errors.SoldOut.code and gw.winners.any_in(cid):
+            held = limit_held(gw, request, state)
+            if held is not None:
+                count_claim(cid, held.code)
+                raise held
         count_claim(cid, early.code)
         return shared_problem_response(early, cid)
     try:
@@ -289,6 +299,19 @@ async def post_claim(request: web.Request) -> web.Response:
         raise
     count_claim(cid, "granted" if resp.status == 201 else resp["code"])
     return resp
+
+
+def limit_held(gw: Gateway, request: web.Request, state: CampaignState) -> Problem | None:
+    """Sold out, and this worker granted the caller — by a token it verified lately — their
+    whole per-user limit: `limit_reached` naming those claims outranks `sold_out`."""
+    who = gw.verifier.known(request.headers.get("Authorization"))
+    if who is None:
+        return None
+    seqs = gw.winners.seqs(state.id, who.user_id)
+    if len(seqs) < state.spec.limits.per_user:
+        return None
+    return errors.LimitReached(f"The user limit of campaign {state.id} is reached",
+                               claims=[claim_id(state.id, seq) for seq in seqs], limit="user")
 
 
 async def _claim(request: web.Request, gw: Gateway, cid: str, state: CampaignState | None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -16,6 +16,7 @@ from gateway.redis.client import RedisClient
 from gateway.redis.health import RedisHealth
 from gateway.redis.scripts import Scripts
 from gateway.settings import Settings
+from gateway.winners import Winners
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Gateway:
     admission: Admission
     room: RoomCache
     peers: PeerResolver
+    winners: Winners = field(default_factory=Winners)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
