@@ -1,7 +1,8 @@
 """The grants this worker handed out lately, by campaign and user: so that a winner who asks
-again once the campaign is sold out hears `limit_reached` naming their claims — an
-authenticated caller's identity limit outranks sold out, where the worker knows it — with no
-Redis call and no token verification (DESIGN, precedence of answers)."""
+again hears `limit_reached` naming their claims from memory — their repeat clicks before any
+rate limit or Redis call, and once the campaign is sold out even before their token is
+verified (a token this worker verified lately): DESIGN's precedence, the identity limit
+outranks admission and sold out, where the worker knows it."""
 
 from __future__ import annotations
 

@@ -325,3 +325,33 @@ async def test_a_winner_asking_again_once_sold_out_hears_limit_reached(
             other = tokens[workers[(workers.index(w) + 1) % len(workers)]]
             status, body, _ = await claim(s, gateway, cid, other)
             assert (status, body["code"]) == (410, "sold_out"), body
+
+
+async def test_a_winners_repeat_clicks_hear_their_claim_not_too_fast_and_skip_redis(
+    gateway: Gateway, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """DESIGN: the identity limit (409) outranks admission (429). Once a worker has granted
+    a user their limit, their repeat clicks there are answered from memory: `limit_reached`
+    naming the claim, past the per-user request rate, with no Redis call; a retry with an
+    Idempotency-Key still goes to Redis and replays the grant."""
+    c = await create_campaign(http, gateway, stock=100)
+    cid = c["id"]
+    async with pinned_sessions(gateway) as sessions:
+        s = next(iter(sessions.values()))
+        token = gateway.token("clicker")
+        status, grant, _ = await claim(s, gateway, cid, token,
+                                       headers={"Idempotency-Key": "click-1"})
+        assert status == 201, grant
+        r = redis_server.client()
+        try:
+            calls = int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+            answers = [await claim(s, gateway, cid, token) for _ in range(30)]  # burst is 10
+            after = int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+        finally:
+            r.close()
+        assert {(st, b["code"]) for st, b, _ in answers} == {(409, "limit_reached")}
+        assert all(b["claims"] == [grant["claim_id"]] for _, b, _ in answers)
+        assert after == calls, "repeat clicks of a known winner went to Redis"
+        status, again, _ = await claim(s, gateway, cid, token,
+                                       headers={"Idempotency-Key": "click-1"})
+        assert (status, again["claim_id"]) == (201, grant["claim_id"]), again

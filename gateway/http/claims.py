@@ -16,7 +16,6 @@ from gateway.domain import (
     Admission,
     CampaignSpec,
     Outcome,
-    Rounds,
     build_grant,
     claim_id,
     from_ms,
@@ -32,6 +31,7 @@ from gateway.http.peer import subnet
 from gateway.http.problems import shared_problem_response
 from gateway.http.room import uses_room
 from gateway.http.routes import Routes
+from gateway.http.wide import campaign_wide, next_drop, next_round, not_started, round_sold_out
 from gateway.metrics import count_claim
 from gateway.redeem import code_hash
 from gateway.redis.batcher import Verdict, redis_unavailable
@@ -39,89 +39,8 @@ from gateway.redis.campaigns import CampaignState
 from gateway.redis.keys import CampaignKeys, home_shard
 from gateway.schemas import ClaimList, ClaimRequest, claim_request_decoder, encoder
 
-# Pre-answer window questions from the cached Redis clock only this far from a boundary;
-# nearer than that, the claim script decides on Redis TIME.
-WINDOW_MARGIN_MS = 100
 _EMPTY = ClaimRequest()
 POW_HEADER = "Proof-Of-Work"
-
-
-def next_drop(state: CampaignState, now_ms: int) -> int | None:
-    rounds = state.spec.rounds
-    return None if rounds is None else round_at(rounds, state.starts_ms, now_ms).next_ms
-
-
-def campaign_wide(state: CampaignState, now_ms: int | None) -> Problem | None:
-    """The answer every caller would get right now, if there is one. (A waiting-room
-    campaign takes callers into its queue before the start instead of `not_started`.)"""
-    cid = state.id
-    past_end = now_ms is not None and now_ms >= state.ends_ms + WINDOW_MARGIN_MS
-    if state.status == "ended" or past_end:
-        return fixed_answer(cid, errors.Ended)
-    if state.remaining <= 0:  # state.sold_out
-        return fixed_answer(cid, errors.SoldOut)
-    if state.status == "paused":
-        return fixed_answer(cid, errors.Paused)
-    if now_ms is not None and now_ms < state.starts_ms - WINDOW_MARGIN_MS and not uses_room(state):
-        return not_started(cid, state.starts_ms, now_ms)
-    if state.spec.rounds is not None and now_ms is not None and now_ms >= state.starts_ms:
-        return between_rounds(state, state.spec.rounds, now_ms)
-    return None
-
-
-_FIXED = {errors.Ended: ("Campaign {} has ended", None),
-          errors.SoldOut: ("Campaign {} is sold out", None),
-          errors.Paused: ("Campaign {} is paused", 5)}
-_fixed: dict[tuple[str, type[Problem]], Problem] = {}
-
-
-def fixed_answer(cid: str, kind: type[Problem]) -> Problem:
-    """Ended, sold out, paused: the same problem for every caller, made once per campaign
-    (a release's sold-out wave asks for it tens of thousands of times a second)."""
-    p = _fixed.get((cid, kind))
-    if p is None:
-        if len(_fixed) > 10_000:
-            _fixed.clear()
-        detail, retry_after = _FIXED[kind]
-        p = _fixed[(cid, kind)] = kind(detail.format(cid), retry_after=retry_after)
-    return p
-
-
-def between_rounds(state: CampaignState, rounds: Rounds, now_ms: int) -> Problem | None:
-    """A rounds campaign's answer for everyone: the round's window has closed, or its stock
-    is gone (a later round still has stock, so never the campaign's `sold_out` flag) —
-    both with Retry-After to the next drop. Only away from a boundary; nearer, Redis
-    decides."""
-    pos = round_at(rounds, state.starts_ms, now_ms)
-    if pos.next_ms is not None and now_ms >= pos.next_ms - WINDOW_MARGIN_MS:
-        return None
-    closes = pos.opens_ms + rounds.open_ms
-    if rounds.open_ms and now_ms >= closes + WINDOW_MARGIN_MS:
-        if pos.next_ms is None:
-            return errors.Ended(f"The last round of campaign {state.id} has closed")
-        return next_round(state.id, pos.next_ms, now_ms)
-    if state.round_sold_out(pos.idx) and pos.next_ms is not None:
-        return round_sold_out(state.id, pos.idx, pos.next_ms, now_ms)
-    return None
-
-
-def next_round(cid: str, next_ms: int, now_ms: int) -> Problem:
-    return errors.NotStarted(
-        f"The next round of campaign {cid} starts in {(next_ms - now_ms) / 1000:.3f}s",
-        retry_after=(next_ms - now_ms) / 1000, next_round_at=from_ms(next_ms))
-
-
-def round_sold_out(cid: str, index: int, next_ms: int, now_ms: int) -> Problem:
-    return errors.SoldOut(
-        f"Round {index + 1} of campaign {cid} is sold out; the next round has stock",
-        retry_after=(next_ms - now_ms) / 1000, next_round_at=from_ms(next_ms))
-
-
-def not_started(cid: str, starts_ms: int, now_ms: int) -> Problem:
-    return errors.NotStarted(
-        f"Campaign {cid} starts in {(starts_ms - now_ms) / 1000:.3f}s",
-        retry_after=(starts_ms - now_ms) / 1000,
-    )
 
 
 def idempotency_key(raw: str | None) -> str:
@@ -277,7 +196,7 @@ async def post_claim(request: web.Request) -> web.Response:
     early = None if state is None else campaign_wide(state, gw.views.redis_now_ms())
     if early is not None and not isinstance(early, errors.NotStarted):
         if state is not None and early.code == errors.SoldOut.code and gw.winners.any_in(cid):
-            held = limit_held(gw, request, state)
+            held = winner_once_sold_out(gw, request, state)
             if held is not None:
                 count_claim(cid, held.code)
                 raise held
@@ -301,17 +220,25 @@ async def post_claim(request: web.Request) -> web.Response:
     return resp
 
 
-def limit_held(gw: Gateway, request: web.Request, state: CampaignState) -> Problem | None:
-    """Sold out, and this worker granted the caller — by a token it verified lately — their
-    whole per-user limit: `limit_reached` naming those claims outranks `sold_out`."""
-    who = gw.verifier.known(request.headers.get("Authorization"))
-    if who is None:
-        return None
-    seqs = gw.winners.seqs(state.id, who.user_id)
+def limit_held(gw: Gateway, state: CampaignState, user_id: str) -> Problem | None:
+    """`limit_reached` naming the caller's claims, when this worker granted them their whole
+    per-user limit (gateway/winners.py): it outranks sold out, and needs no Redis call."""
+    seqs = gw.winners.seqs(state.id, user_id)
     if len(seqs) < state.spec.limits.per_user:
         return None
     return errors.LimitReached(f"The user limit of campaign {state.id} is reached",
                                claims=[claim_id(state.id, seq) for seq in seqs], limit="user")
+
+
+def winner_once_sold_out(gw: Gateway, request: web.Request,
+                         state: CampaignState) -> Problem | None:
+    """Sold out, and the caller — by a token this worker verified lately, with nothing
+    verified now — holds their limit here. (A retry with an Idempotency-Key keeps the
+    campaign-wide answer: only Redis replays a grant.)"""
+    if "Idempotency-Key" in request.headers:
+        return None
+    who = gw.verifier.known(request.headers.get("Authorization"))
+    return None if who is None else limit_held(gw, state, who.user_id)
 
 
 async def _claim(request: web.Request, gw: Gateway, cid: str, state: CampaignState | None,
@@ -337,6 +264,10 @@ async def _claim(request: web.Request, gw: Gateway, cid: str, state: CampaignSta
     if no_proof is not None:
         raise errors.ProofRequired(no_proof)
     ikey = idempotency_key(request.headers.get("Idempotency-Key"))
+    if not ikey:  # a repeat click of a winner this worker knows: 409 before any admission
+        held = limit_held(gw, state, who.user_id)
+        if held is not None:
+            raise held
     if uses_room(state):
         admitted = await room.gate(gw, state, who, request.headers.get(room.TICKET_HEADER))
         if isinstance(admitted, web.Response):
