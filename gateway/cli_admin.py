@@ -135,6 +135,23 @@ def campaign_restock(campaign_id: str, quantity: int) -> None:
     _admin("POST", f"/v1/campaigns/{campaign_id}/restock", {"quantity": quantity})
 
 
+@campaign.command("patch")
+@click.argument("campaign_id")
+@click.argument("patch", required=False)
+@click.option("--file", "patch_file", type=click.File(), help="The merge patch as JSON.")
+def campaign_patch(campaign_id: str, patch: str | None, patch_file: Any) -> None:
+    """Change a running campaign's limits, eligibility or admission with a JSON merge patch
+    (RFC 7396), e.g. '{"limits": {"per_ip": 3}}'; prints the fields before and after."""
+    text = patch_file.read() if patch_file is not None else patch
+    if not text:
+        raise click.UsageError("give the patch as an argument or with --file")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="PATCH") from None
+    _admin("PATCH", f"/v1/campaigns/{campaign_id}", body)
+
+
 _KIND = click.Choice(["user", "device", "ip"])
 
 

@@ -5,8 +5,12 @@ in force for the very next claim the script decides."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -167,3 +171,27 @@ async def test_raising_per_user_under_load_never_exceeds_the_limit_in_force(
     for e in events:  # ...and never before it was in force
         assert int(e["n"]) <= (1 if int(e["seq"]) <= change["seq"] else 2), e
     assert statuses[201] == len(events)
+
+
+def cli_patch(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "campaign", "patch", *args],
+                          env=gw.env, capture_output=True, text=True, timeout=30)
+
+
+async def test_cli_patch(gateway: Gateway, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    c = await create_campaign(http, gateway, stock=10)
+    done = await asyncio.to_thread(cli_patch, gateway, c["id"], '{"limits": {"per_ip": 4}}')
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["after"]["limits"]["per_ip"] == 4
+    patch_file = tmp_path / "patch.json"
+    patch_file.write_text('{"limits": {"per_ip": null}, "eligibility": {"channels": ["app"]}}')
+    done = await asyncio.to_thread(cli_patch, gateway, c["id"], "--file", str(patch_file))
+    assert done.returncode == 0, done.stderr
+    after = json.loads(done.stdout)["after"]
+    assert after["limits"].get("per_ip") is None and after["eligibility"]["channels"] == ["app"]
+    bad = await asyncio.to_thread(cli_patch, gateway, c["id"], '{"limits": {"per_user": 0}}')
+    assert bad.returncode == 1 and json.loads(bad.stdout)["status"] == 422
+    assert (await show(http, gateway, c["id"]))["limits"]["per_user"] == 1
+    for args in ([c["id"], "{nope"], [c["id"]]):
+        wrong = await asyncio.to_thread(cli_patch, gateway, *args)
+        assert wrong.returncode == 2, wrong.stderr
