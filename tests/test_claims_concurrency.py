@@ -325,6 +325,23 @@ async def test_a_winner_asking_again_once_sold_out_hears_limit_reached(
             other = tokens[workers[(workers.index(w) + 1) % len(workers)]]
             status, body, _ = await claim(s, gateway, cid, other)
             assert (status, body["code"]) == (410, "sold_out"), body
+        # a blocklist outranks the limit (403 before 409) for a caller the worker knows
+        w, s = next(iter(sessions.items()))
+        url, value = f"{gateway.base}/v1/blocks/user", {"value": f"winner-{w}"}
+        async with http.post(url, json=value, headers=gateway.admin_headers) as r:
+            assert r.status in (200, 201), await r.text()
+        try:
+            deadline = time.monotonic() + 3
+            while True:  # every worker's copy of the lists follows within a moment
+                status, body, _ = await claim(s, gateway, cid, tokens[w])
+                if status == 403:
+                    break
+                assert (status, time.monotonic() < deadline) == (409, True), body
+                await asyncio.sleep(0.05)
+            assert body["code"] == "blocked", body
+        finally:
+            async with http.delete(url, params=value, headers=gateway.admin_headers) as r:
+                assert r.status in (200, 204), await r.text()
 
 
 async def test_a_winners_repeat_clicks_hear_their_claim_not_too_fast_and_skip_redis(

@@ -233,12 +233,21 @@ def limit_held(gw: Gateway, state: CampaignState, user_id: str) -> Problem | Non
 def winner_once_sold_out(gw: Gateway, request: web.Request,
                          state: CampaignState) -> Problem | None:
     """Sold out, and the caller — by a token this worker verified lately, with nothing
-    verified now — holds their limit here. (A retry with an Idempotency-Key keeps the
-    campaign-wide answer: only Redis replays a grant.)"""
+    verified now — holds their limit here; a blocklist still outranks that (403 before
+    409). (A retry with an Idempotency-Key keeps the campaign-wide answer: only Redis
+    replays a grant.)"""
     if "Idempotency-Key" in request.headers:
         return None
     who = gw.verifier.known(request.headers.get("Authorization"))
-    return None if who is None else limit_held(gw, state, who.user_id)
+    if who is None:
+        return None
+    held = limit_held(gw, state, who.user_id)
+    if held is not None:
+        try:
+            blocklist.check(request, who, gw.peers.address(request))
+        except errors.Blocked as blocked:
+            return blocked
+    return held
 
 
 async def _claim(request: web.Request, gw: Gateway, cid: str, state: CampaignState | None,

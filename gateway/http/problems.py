@@ -36,8 +36,9 @@ REQUEST_ID = web.RequestKey("request_id", str)
 class Drain:
     """Started on SIGTERM, before the worker stops listening: `/readyz` answers 503 so load
     balancers stop sending, and every response closes its connection so keep-alive clients
-    reconnect (elsewhere) instead of finding the socket gone mid-request. (The middleware
-    closes them: a check there costs less than a response-prepare signal per request.)"""
+    reconnect (elsewhere) instead of finding the socket gone mid-request. (`with_problems`,
+    around every route, closes them: a check there costs less than a response-prepare
+    signal per request.)"""
 
     def __init__(self) -> None:
         self.started = False
