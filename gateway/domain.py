@@ -357,8 +357,11 @@ LIMIT_KIND = {
 }
 
 
-class Identity(Struct, frozen=True):
-    """A verified caller. `phone_h` and `device_h` are keyed hashes, never the raw values."""
+class Identity(Struct, frozen=True, gc=False):
+    """A verified caller. `phone_h` and `device_h` are keyed hashes, never the raw values.
+    Never tracked by the garbage collector (`gc=False`: strings and a frozenset of strings
+    make no cycle): a worker caches up to 100,000 of them, and a tracked cache made every
+    full collection walk it, a pause of tens of ms while tokens pour in."""
 
     user_id: str
     device_h: str = ""

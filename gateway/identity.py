@@ -247,11 +247,27 @@ class Verifier:
             user_id=claims.sub,
             device_h=device_hash(self._pii_key, dev) if dev else "",
             phone_h=phone_hash(self._pii_key, phone) if phone else "",
-            tags=frozenset(claims.tags),
+            tags=_tag_set(claims.tags),
             region=claims.region,
         )
         # compared before converting: a huge integer `exp` would overflow a float
         return identity, float(min(claims.exp, now + CACHE_TTL_S))
+
+
+_tag_sets: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def _tag_set(tags: list[str]) -> frozenset[str]:
+    """One shared frozenset per distinct tag list (a release has few): frozensets are
+    tracked by the garbage collector, and one per cached identity would be walked by every
+    full collection."""
+    key = tuple(tags)
+    found = _tag_sets.get(key)
+    if found is None:
+        if len(_tag_sets) >= 4096:
+            _tag_sets.clear()
+        found = _tag_sets[key] = frozenset(tags)
+    return found
 
 
 def mint_token(

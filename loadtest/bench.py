@@ -243,10 +243,11 @@ class Stack:
 def at_rate(stack: Stack, cid: str, target: float, duration: int,
             connections: int) -> dict[str, float]:
     """Latency at a fixed offered rate: each connection waits between its requests (wrk's
-    `delay()`, whole milliseconds), the wait found by two 3 s probes so that wait plus
-    response time gives `target` req/s in all — rounded down, so the rate lands at or a
-    little above the target. (wrk times each request from its send, so this is service
-    latency at that rate, not an open-loop arrival process.)"""
+    `delay()`: a random whole number of milliseconds with this mean, so the connections do
+    not fall into step and arrive in bursts), the mean found by two 3 s probes so that
+    wait plus response time gives `target` req/s in all — rounded down, so the rate lands
+    at or a little above the target. (wrk times each request from its send, so this is
+    service latency at that rate, not an open-loop arrival process.)"""
     interval_ms = connections / target * 1000
     delay = math.floor(interval_ms)
     for _ in range(2):

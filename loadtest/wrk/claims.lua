@@ -1,6 +1,7 @@
 -- wrk script: POST to a path, each request with the next identity token from a file;
--- with DELAY_MS, each connection waits that long (whole ms) before each request, for a
--- fixed offered rate. Without it no delay() exists, so wrk sends back to back.
+-- with DELAY_MS, each connection waits a random whole number of ms, DELAY_MS on average
+-- (uniform over 0..2*DELAY_MS), before each request: a fixed offered rate whose arrivals
+-- do not march in step. Without it no delay() exists, so wrk sends back to back.
 -- usage: wrk -s claims.lua URL -- TOKENS_FILE PATH [DELAY_MS]
 local tokens, i, path = {}, 0, "/"
 
@@ -9,7 +10,8 @@ init = function(args)
   path = args[2]
   if args[3] then
     local ms = math.floor(tonumber(args[3]) + 0.5)
-    delay = function() return ms end
+    math.randomseed(os.time() + math.floor(os.clock() * 1e6))
+    delay = function() return math.random(0, 2 * ms) end
   end
 end
 
