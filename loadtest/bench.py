@@ -219,11 +219,12 @@ class Stack:
         return self.bases[server], f"/v1/campaigns/{cid or 'soldout'}/claims"
 
     def drive(self, phase: str, duration: int, connections: int, cid: str = "",
-              delay_ms: float = 0.0, server: str = "new") -> dict[str, float]:
+              delay_ms: float = 0.0, server: str = "new", skip: int = 0) -> dict[str, float]:
         """The same wrk script in every phase (one token per request), so the load
-        generator does the same work per request whatever it drives."""
+        generator does the same work per request whatever it drives. `skip`: start after
+        that many tokens (users who already claimed in this campaign)."""
         base, path = self.url(phase, cid, server)
-        args = [str(self.tokens), path] + ([f"{delay_ms:.3f}"] if delay_ms else [])
+        args = [str(self.tokens), path, f"{delay_ms:.3f}", str(skip)]
         proc = 1 if phase == "hello" else 2 if server == "old" else 0
         server_pid = self.procs[proc].pid
         cpu = tree_cpu_s(server_pid)
@@ -241,20 +242,22 @@ class Stack:
 
 
 def at_rate(stack: Stack, cid: str, target: float, duration: int,
-            connections: int) -> dict[str, float]:
+            connections: int, skip: int) -> dict[str, float]:
     """Latency at a fixed offered rate: each connection waits between its requests (wrk's
     `delay()`: a random whole number of milliseconds with this mean, so the connections do
     not fall into step and arrive in bursts), the mean found by two 3 s probes so that
     wait plus response time gives `target` req/s in all — rounded down, so the rate lands
-    at or a little above the target. (wrk times each request from its send, so this is
-    service latency at that rate, not an open-loop arrival process.)"""
+    at or a little above the target. Users start after the `skip` who claimed already,
+    so these are grants too, not repeat clicks. (wrk times each request from its send, so
+    this is service latency at that rate, not an open-loop arrival process.)"""
     interval_ms = connections / target * 1000
     delay = math.floor(interval_ms)
     for _ in range(2):
-        probe = stack.drive("grant", 3, connections, cid, delay_ms=delay)
+        probe = stack.drive("grant", 3, connections, cid, delay_ms=delay, skip=skip)
+        skip += int(probe["requests"]) + connections
         busy_ms = max(0.0, connections / probe["rps"] * 1000 - delay)
         delay = max(1, math.floor(interval_ms - busy_ms))
-    return {**stack.drive("grant", duration, connections, cid, delay_ms=delay),
+    return {**stack.drive("grant", duration, connections, cid, delay_ms=delay, skip=skip),
             "target_rps": target, "delay_ms": delay}
 
 
@@ -304,7 +307,7 @@ def main(workers: int, runs: int, duration: int, connections: int, fsync: str,
                    "soldout_ratio": sold["rps"] / hello["rps"]}
             if at_fraction:
                 row["at_rate"] = at_rate(stack, cid, grant["rps"] * at_fraction, duration,
-                                         connections)
+                                         connections, skip=int(grant["requests"]) + connections)
             if baseline:
                 stack.campaign(f"{cid}-old", stock=100_000_000)
                 row["old_grant"] = stack.drive("grant", duration, connections, f"{cid}-old",

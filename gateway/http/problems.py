@@ -31,6 +31,8 @@ _NAMED = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
+# the answer's problem code (or "waiting") on a claim response, for flashclaim_claims_total
+ANSWER_CODE = web.ResponseKey("answer_code", str)
 
 
 class Drain:

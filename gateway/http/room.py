@@ -27,6 +27,7 @@ from gateway.admission.waitingroom import (
 )
 from gateway.domain import Admission, Identity
 from gateway.http.context import Gateway
+from gateway.http.problems import ANSWER_CODE
 from gateway.metrics import ROOM_SERVING, ROOM_TICKETS
 from gateway.redis.batcher import redis_unavailable
 from gateway.redis.campaigns import CampaignState, CampaignViews
@@ -55,7 +56,7 @@ def _waiting(cid: str, ticket: str, position: int, now_ms: int, starts_ms: int,
     }
     resp = web.Response(body=encoder.encode(doc), status=202, content_type="application/json",
                         headers={"Retry-After": str(retry), TICKET_HEADER: ticket})
-    resp["code"] = "waiting"
+    resp[ANSWER_CODE] = "waiting"
     return resp
 
 
