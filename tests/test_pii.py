@@ -82,8 +82,12 @@ async def test_no_pii_or_secret_at_rest_or_in_logs(tmp_path: Path) -> None:
             while time.monotonic() < deadline:
                 if store.exists():
                     with sqlite3.connect(store) as db:
-                        if db.execute("SELECT count(*) FROM claims").fetchone()[0] == len(PHONES):
-                            break
+                        try:
+                            stored = db.execute("SELECT count(*) FROM claims").fetchone()[0]
+                        except sqlite3.OperationalError:  # the writer has not made it yet
+                            stored = 0
+                    if stored == len(PHONES):
+                        break
                 await asyncio.sleep(0.2)
             with sqlite3.connect(store) as db:
                 rows = db.execute("SELECT device, phone FROM claims").fetchall()

@@ -236,7 +236,11 @@ def answered(request: web.Request, p: Problem) -> web.Response:
 
 def limit_held(gw: Gateway, state: CampaignState, user_id: str) -> Problem | None:
     """`limit_reached` naming the caller's claims, when this worker granted them their whole
-    per-user limit (gateway/winners.py): it outranks sold out, and needs no Redis call."""
+    per-user limit (gateway/winners.py): it outranks sold out, and needs no Redis call.
+    Not in a campaign with redemption codes: there the code's answer (403) comes first,
+    and only the claim script knows it."""
+    if state.spec.redemption_codes:
+        return None
     seqs = gw.winners.seqs(state.id, user_id)
     if len(seqs) < state.spec.limits.per_user:
         return None
